@@ -1,0 +1,1 @@
+"""Real peers for hiomapbridge: a hiomapd emulator, a btbridged stand-in and a host."""
