@@ -1,0 +1,375 @@
+"""A thin D-Bus layer on jeepney, with dispatch we control.
+
+jeepney owns the connection: the socket, authentication, ``Hello`` and
+(de)serialisation.  Dispatch of what arrives is ours, because jeepney's
+``DBusRouter`` drops a message silently when a filter's buffer is full and
+never answers a method call nobody filters for.  Here:
+
+* one receiver task reads every message in wire order;
+* a method reply wakes the task that made that call (matched by serial);
+* a signal is handed to the synchronous handlers registered for its
+  (path, interface, member); handlers must not block, so nothing can stall
+  the receiver and nothing is buffered behind our back;
+* a method call goes to the handler exported at its path, run as its own
+  task; calls to unexported paths are answered with an error, never dropped;
+* when the bus goes away, every waiting caller gets :class:`BusClosed` and
+  the receiver raises it, so the process can exit and be restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from jeepney import (
+    DBusAddress,
+    HeaderFields,
+    MatchRule,
+    Message,
+    MessageType,
+    new_error,
+    new_method_call,
+    new_method_return,
+)
+from jeepney.bus import get_connectable_addresses
+from jeepney.bus_messages import message_bus
+from jeepney.io.trio import open_dbus_connection
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"
+
+SignalHandler = Callable[[Message], None]
+MethodHandler = Callable[[Message], Awaitable[None]]
+
+
+class DBusError(Exception):
+    """An error reply to one of our method calls."""
+
+    def __init__(self, name: str, text: str = "") -> None:
+        super().__init__(f"{name}: {text}" if text else name)
+        self.name = name
+        self.text = text
+
+
+class BusClosed(Exception):
+    """The connection to the bus is gone."""
+
+
+def resolve_bus(spec: str) -> str:
+    """Turn ``system``, ``session`` or a D-Bus address into an address.
+
+    ``system`` honours ``DBUS_SYSTEM_BUS_ADDRESS`` like every D-Bus client.
+    Raises :class:`ValueError` with a message fit for a user.
+    """
+    if spec == "system":
+        address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or DEFAULT_SYSTEM_BUS
+    elif spec == "session":
+        address = os.environ.get("DBUS_SESSION_BUS_ADDRESS", "")
+        if not address:
+            raise ValueError("--bus session: DBUS_SESSION_BUS_ADDRESS is not set")
+    else:
+        address = spec
+    try:
+        next(get_connectable_addresses(address))
+    except (ValueError, RuntimeError, StopIteration) as exc:
+        raise ValueError(
+            f"not a usable D-Bus address: {address!r} (want system, session, "
+            "or an address such as unix:path=/run/dbus/system_bus_socket)"
+        ) from exc
+    return address
+
+
+def sender_of(msg: Message) -> str | None:
+    sender: str | None = msg.header.fields.get(HeaderFields.sender)
+    return sender
+
+
+def signal_key(msg: Message) -> tuple[str, str, str]:
+    fields = msg.header.fields
+    return (
+        fields.get(HeaderFields.path, ""),
+        fields.get(HeaderFields.interface, ""),
+        fields.get(HeaderFields.member, ""),
+    )
+
+
+class _PendingCall:
+    __slots__ = ("event", "reply")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.reply: Message | BusClosed | None = None
+
+
+class Bus:
+    """One D-Bus connection and its dispatch.  Create with :func:`open_bus`."""
+
+    def __init__(self, conn: Any, nursery: trio.Nursery) -> None:
+        self._conn = conn
+        self._nursery = nursery
+        self._pending: dict[int, _PendingCall] = {}
+        self._signal_handlers: dict[tuple[str, str, str], list[SignalHandler]] = {}
+        self._exports: dict[str, MethodHandler] = {}
+        self._closed: BusClosed | None = None
+        self.unique_name: str = conn.unique_name
+
+    # -- sending ---------------------------------------------------------
+
+    async def send(self, msg: Message) -> None:
+        """Send a message that expects no reply (a signal, a method return)."""
+        if self._closed is not None:
+            raise self._closed
+        try:
+            await self._conn.send(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._close(f"sending failed: {exc}") from exc
+
+    async def call(self, msg: Message, timeout: float | None = None) -> Message:
+        """Call a method and return its method-return message.
+
+        An error reply raises :class:`DBusError`; a missed deadline raises
+        :class:`trio.TooSlowError`; a lost bus raises :class:`BusClosed`.
+        """
+        if self._closed is not None:
+            raise self._closed
+        serial = next(self._conn.outgoing_serial)
+        pending = _PendingCall()
+        self._pending[serial] = pending
+        try:
+            with trio.fail_after(timeout if timeout is not None else float("inf")):
+                try:
+                    await self._conn.send(msg, serial=serial)
+                except (
+                    trio.BrokenResourceError,
+                    trio.ClosedResourceError,
+                    OSError,
+                ) as exc:
+                    raise self._close(f"sending failed: {exc}") from exc
+                await pending.event.wait()
+        finally:
+            del self._pending[serial]
+        reply = pending.reply
+        if isinstance(reply, BusClosed):
+            raise reply
+        assert reply is not None
+        if reply.header.message_type == MessageType.error:
+            name = reply.header.fields.get(HeaderFields.error_name, "")
+            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+            raise DBusError(name, text)
+        return reply
+
+    async def bus_call(self, method: str, signature: str = "", *args: Any) -> Message:
+        """Call a method of the message bus itself."""
+        msg = new_method_call(message_bus, method, signature or None, args)
+        return await self.call(msg, timeout=10)
+
+    # -- receiving -------------------------------------------------------
+
+    async def add_match(self, rule: MatchRule) -> None:
+        """Subscribe on the bus side (``AddMatch``)."""
+        await self.bus_call("AddMatch", "s", rule.serialise())
+
+    def on_signal(
+        self, path: str, interface: str, member: str, handler: SignalHandler
+    ) -> Callable[[], None]:
+        """Hand signals with exactly this path, interface and member to
+        ``handler`` (synchronously, in the receiver task).  Returns a function
+        that removes the handler.  A bus-side match is a separate step.
+        """
+        key = (path, interface, member)
+        self._signal_handlers.setdefault(key, []).append(handler)
+
+        def remove() -> None:
+            handlers = self._signal_handlers.get(key, [])
+            if handler in handlers:
+                handlers.remove(handler)
+
+        return remove
+
+    async def subscribe(
+        self, path: str, interface: str, member: str, handler: SignalHandler
+    ) -> Callable[[], None]:
+        """Register ``handler`` locally, then add the bus-side match."""
+        remove = self.on_signal(path, interface, member, handler)
+        await self.add_match(
+            MatchRule(type="signal", path=path, interface=interface, member=member)
+        )
+        return remove
+
+    def export(self, path: str, handler: MethodHandler) -> None:
+        """Serve method calls to ``path``: each runs ``handler`` as a task,
+        which must send exactly one reply (unless the caller wants none)."""
+        self._exports[path] = handler
+
+    def unexport(self, path: str) -> None:
+        self._exports.pop(path, None)
+
+    def _close(self, why: str) -> BusClosed:
+        if self._closed is None:
+            self._closed = BusClosed(why)
+            for pending in self._pending.values():
+                pending.reply = self._closed
+                pending.event.set()
+        return self._closed
+
+    async def run_receiver(self) -> None:
+        try:
+            while True:
+                msg = await self._conn.receive()
+                self._dispatch(msg)
+        except (trio.EndOfChannel, trio.BrokenResourceError, OSError) as exc:
+            raise self._close(f"connection to the bus lost: {exc or 'EOF'}") from exc
+
+    def _dispatch(self, msg: Message) -> None:
+        mtype = msg.header.message_type
+        if mtype == MessageType.signal:
+            for handler in self._signal_handlers.get(signal_key(msg), ()):
+                try:
+                    handler(msg)
+                except Exception:
+                    log.exception("signal handler failed on %s", signal_key(msg))
+        elif mtype in (MessageType.method_return, MessageType.error):
+            serial = msg.header.fields.get(HeaderFields.reply_serial)
+            pending = self._pending.get(serial) if serial is not None else None
+            if pending is not None and pending.reply is None:
+                pending.reply = msg
+                pending.event.set()
+            else:
+                log.debug("ignoring reply to serial %s we do not wait for", serial)
+        elif mtype == MessageType.method_call:
+            path = msg.header.fields.get(HeaderFields.path, "")
+            handler = self._exports.get(path)
+            if handler is not None:
+                self._nursery.start_soon(self._serve_one, handler, msg)
+            else:
+                self._nursery.start_soon(self._answer_unknown, msg)
+
+    async def _serve_one(self, handler: MethodHandler, msg: Message) -> None:
+        try:
+            await handler(msg)
+        except BusClosed:
+            pass
+        except Exception:
+            log.exception("method handler failed")
+            await self.reply_error(
+                msg, "org.freedesktop.DBus.Error.Failed", "internal error"
+            )
+
+    async def _answer_unknown(self, msg: Message) -> None:
+        fields = msg.header.fields
+        if fields.get(HeaderFields.interface) == "org.freedesktop.DBus.Peer":
+            if fields.get(HeaderFields.member) == "Ping":
+                await self.reply(msg)
+                return
+        await self.reply_error(
+            msg,
+            "org.freedesktop.DBus.Error.UnknownObject",
+            f"no object at {fields.get(HeaderFields.path, '')}",
+        )
+
+    async def reply(self, call: Message, signature: str = "", *body: Any) -> None:
+        """Send the method return for ``call``."""
+        if _wants_reply(call):
+            await self.send(new_method_return(call, signature or None, body))
+
+    async def reply_error(self, call: Message, name: str, text: str = "") -> None:
+        """Send an error reply for ``call``."""
+        if _wants_reply(call):
+            await self.send(new_error(call, name, "s", (text,)))
+
+
+def _wants_reply(call: Message) -> bool:
+    return not (call.header.flags & 1)  # NO_REPLY_EXPECTED
+
+
+@asynccontextmanager
+async def open_bus(address: str) -> AsyncIterator[Bus]:
+    """Connect to the bus at ``address`` and run its receiver.
+
+    Leaving the block cancels the receiver and closes the connection.  If the
+    bus goes away, the body is cancelled and :class:`BusClosed` propagates.
+    """
+    try:
+        conn = await open_dbus_connection(address)
+    except (OSError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
+        raise BusClosed(f"cannot connect to the bus at {address}: {exc}") from exc
+    try:
+        async with trio.open_nursery() as nursery:
+            bus = Bus(conn, nursery)
+            nursery.start_soon(bus.run_receiver)
+            try:
+                yield bus
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        await conn.aclose()
+
+
+class NameOwner:
+    """Tracks the unique name owning a well-known name.
+
+    Subscribes to ``NameOwnerChanged`` (filtered on arg0 by the bus) before
+    asking ``GetNameOwner``; dispatch is in wire order, so the answer is at
+    least as new as every signal before it and later signals apply on top.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        on_change: Callable[[str | None, str | None], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.owner: str | None = None
+        self._on_change = on_change
+
+    async def start(self, bus: Bus) -> None:
+        bus.on_signal(
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "NameOwnerChanged",
+            self._signal,
+        )
+        rule = MatchRule(
+            type="signal",
+            sender="org.freedesktop.DBus",
+            interface="org.freedesktop.DBus",
+            member="NameOwnerChanged",
+            path="/org/freedesktop/DBus",
+        )
+        rule.add_arg_condition(0, self.name)
+        await bus.add_match(rule)
+        try:
+            reply = await bus.bus_call("GetNameOwner", "s", self.name)
+            owner: str | None = reply.body[0]
+        except DBusError as exc:
+            if exc.name != "org.freedesktop.DBus.Error.NameHasNoOwner":
+                raise
+            owner = None
+        self._set(owner)
+
+    def _signal(self, msg: Message) -> None:
+        if sender_of(msg) != "org.freedesktop.DBus":
+            return
+        if msg.header.fields.get(HeaderFields.signature) != "sss":
+            return
+        name, _old, new = msg.body
+        if name == self.name:
+            self._set(new or None)
+
+    def _set(self, owner: str | None) -> None:
+        old, self.owner = self.owner, owner
+        if old != owner:
+            log.info(
+                "%s: owner %s -> %s", self.name, old or "(none)", owner or "(none)"
+            )
+            if self._on_change is not None:
+                self._on_change(old, owner)
+
+
+def address_of(service: str, path: str, interface: str) -> DBusAddress:
+    return DBusAddress(path, bus_name=service, interface=interface)
