@@ -19,6 +19,7 @@ never answers a method call nobody filters for.  Here:
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -42,6 +43,7 @@ from jeepney.io.trio import open_dbus_connection
 log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"
+BUS_CALL_TIMEOUT = 10.0  # seconds for calls to the message bus itself
 
 SignalHandler = Callable[[Message], None]
 MethodHandler = Callable[[Message], Awaitable[None]]
@@ -98,12 +100,28 @@ def signal_key(msg: Message) -> tuple[str, str, str]:
     )
 
 
-class _PendingCall:
-    __slots__ = ("event", "reply")
+ReplyCallback = Callable[["Message | Exception"], None]
 
-    def __init__(self) -> None:
-        self.event = trio.Event()
+
+class _PendingCall:
+    """A call waiting for its reply: a task (``event``) or a ``callback``."""
+
+    __slots__ = ("callback", "deadline", "event", "reply")
+
+    def __init__(
+        self, callback: ReplyCallback | None = None, deadline: float = math.inf
+    ) -> None:
+        self.event: trio.Event | None = None if callback else trio.Event()
+        self.callback = callback
+        self.deadline = deadline
         self.reply: Message | BusClosed | None = None
+
+
+def error_from_reply(reply: Message) -> DBusError:
+    name = reply.header.fields.get(HeaderFields.error_name, "")
+    body = reply.body
+    text = body[0] if body and isinstance(body[0], str) else ""
+    return DBusError(name, text)
 
 
 class Bus:
@@ -116,6 +134,8 @@ class Bus:
         self._signal_handlers: dict[tuple[str, str, str], list[SignalHandler]] = {}
         self._exports: dict[str, MethodHandler] = {}
         self._closed: BusClosed | None = None
+        self._next_expiry = math.inf
+        self._expiry_wake = trio.Event()
         self.unique_name: str = conn.unique_name
 
     # -- sending ---------------------------------------------------------
@@ -129,28 +149,21 @@ class Bus:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise self._close(f"sending failed: {exc}") from exc
 
-    async def call(self, msg: Message, timeout: float | None = None) -> Message:
+    async def call(self, msg: Message) -> Message:
         """Call a method and return its method-return message.
 
-        An error reply raises :class:`DBusError`; a missed deadline raises
-        :class:`trio.TooSlowError`; a lost bus raises :class:`BusClosed`.
+        An error reply raises :class:`DBusError`; a lost bus raises
+        :class:`BusClosed`.  Bound the wait with ``trio.fail_after``.
         """
         if self._closed is not None:
             raise self._closed
         serial = next(self._conn.outgoing_serial)
         pending = _PendingCall()
+        assert pending.event is not None
         self._pending[serial] = pending
         try:
-            with trio.fail_after(timeout if timeout is not None else float("inf")):
-                try:
-                    await self._conn.send(msg, serial=serial)
-                except (
-                    trio.BrokenResourceError,
-                    trio.ClosedResourceError,
-                    OSError,
-                ) as exc:
-                    raise self._close(f"sending failed: {exc}") from exc
-                await pending.event.wait()
+            await self._send_serial(msg, serial)
+            await pending.event.wait()
         finally:
             del self._pending[serial]
         reply = pending.reply
@@ -158,15 +171,58 @@ class Bus:
             raise reply
         assert reply is not None
         if reply.header.message_type == MessageType.error:
-            name = reply.header.fields.get(HeaderFields.error_name, "")
-            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
-            raise DBusError(name, text)
+            raise error_from_reply(reply)
         return reply
+
+    async def call_with_callback(
+        self, msg: Message, callback: ReplyCallback, reply_within: float
+    ) -> None:
+        """Send a method call and return at once; ``callback`` later gets the
+        method return, a :class:`DBusError`, ``trio.TooSlowError`` after
+        ``reply_within`` seconds, or :class:`BusClosed`.  It runs synchronously in
+        the receiver, in wire order with signals, and must not block."""
+        if self._closed is not None:
+            raise self._closed
+        serial = next(self._conn.outgoing_serial)
+        deadline = trio.current_time() + reply_within
+        self._pending[serial] = _PendingCall(callback, deadline)
+        if deadline < self._next_expiry:
+            self._next_expiry = deadline
+            self._expiry_wake.set()
+        try:
+            await self._send_serial(msg, serial)
+        except BaseException:
+            self._pending.pop(serial, None)
+            raise
+
+    async def _send_serial(self, msg: Message, serial: int) -> None:
+        try:
+            await self._conn.send(msg, serial=serial)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._close(f"sending failed: {exc}") from exc
+
+    async def run_expiry(self) -> None:
+        """Fail callback calls whose reply did not come in time."""
+        while True:
+            self._expiry_wake = trio.Event()
+            with trio.move_on_at(self._next_expiry):
+                await self._expiry_wake.wait()
+            now = trio.current_time()
+            self._next_expiry = math.inf
+            for serial, pending in list(self._pending.items()):
+                if pending.callback is None:
+                    continue
+                if pending.deadline <= now:
+                    del self._pending[serial]
+                    _run_callback(pending.callback, trio.TooSlowError())
+                elif pending.deadline < self._next_expiry:
+                    self._next_expiry = pending.deadline
 
     async def bus_call(self, method: str, signature: str = "", *args: Any) -> Message:
         """Call a method of the message bus itself."""
         msg = new_method_call(message_bus, method, signature or None, args)
-        return await self.call(msg, timeout=10)
+        with trio.fail_after(BUS_CALL_TIMEOUT):
+            return await self.call(msg)
 
     # -- receiving -------------------------------------------------------
 
@@ -212,9 +268,14 @@ class Bus:
     def _close(self, why: str) -> BusClosed:
         if self._closed is None:
             self._closed = BusClosed(why)
-            for pending in self._pending.values():
-                pending.reply = self._closed
-                pending.event.set()
+            pendings, self._pending = self._pending, {}
+            for pending in pendings.values():
+                if pending.callback is not None:
+                    _run_callback(pending.callback, self._closed)
+                else:
+                    assert pending.event is not None
+                    pending.reply = self._closed
+                    pending.event.set()
         return self._closed
 
     async def run_receiver(self) -> None:
@@ -236,16 +297,23 @@ class Bus:
         elif mtype in (MessageType.method_return, MessageType.error):
             serial = msg.header.fields.get(HeaderFields.reply_serial)
             pending = self._pending.get(serial) if serial is not None else None
-            if pending is not None and pending.reply is None:
+            if pending is None or pending.reply is not None:
+                log.debug("ignoring reply to serial %s we do not wait for", serial)
+            elif pending.callback is not None:
+                del self._pending[serial]
+                if mtype == MessageType.error:
+                    _run_callback(pending.callback, error_from_reply(msg))
+                else:
+                    _run_callback(pending.callback, msg)
+            else:
+                assert pending.event is not None
                 pending.reply = msg
                 pending.event.set()
-            else:
-                log.debug("ignoring reply to serial %s we do not wait for", serial)
         elif mtype == MessageType.method_call:
             path = msg.header.fields.get(HeaderFields.path, "")
-            handler = self._exports.get(path)
-            if handler is not None:
-                self._nursery.start_soon(self._serve_one, handler, msg)
+            export = self._exports.get(path)
+            if export is not None:
+                self._nursery.start_soon(self._serve_one, export, msg)
             else:
                 self._nursery.start_soon(self._answer_unknown, msg)
 
@@ -283,6 +351,13 @@ class Bus:
             await self.send(new_error(call, name, "s", (text,)))
 
 
+def _run_callback(callback: ReplyCallback, result: Message | Exception) -> None:
+    try:
+        callback(result)
+    except Exception:
+        log.exception("reply callback failed")
+
+
 def _wants_reply(call: Message) -> bool:
     return not (call.header.flags & 1)  # NO_REPLY_EXPECTED
 
@@ -302,6 +377,7 @@ async def open_bus(address: str) -> AsyncIterator[Bus]:
         async with trio.open_nursery() as nursery:
             bus = Bus(conn, nursery)
             nursery.start_soon(bus.run_receiver)
+            nursery.start_soon(bus.run_expiry)
             try:
                 yield bus
             finally:

@@ -22,7 +22,9 @@ def notify(state: str) -> bool:
         return False
     address = "\0" + path[1:] if path.startswith("@") else path
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        with socket.socket(
+            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+        ) as s:
             s.sendto(state.encode(), address)
     except OSError as exc:
         log.warning("sd_notify(%s) to %s failed: %s", state, path, exc)

@@ -59,8 +59,13 @@ def private_bus(directory: Path | None = None) -> Iterator[PrivateBus]:
         config = directory / "bus.conf"
         config.write_text(_CONFIG.format(socket=socket))
         proc = subprocess.Popen(
-            [dbus_daemon_path(), "--nofork", "--nopidfile", "--print-address=1",
-             f"--config-file={config}"],
+            [
+                dbus_daemon_path(),
+                "--nofork",
+                "--nopidfile",
+                "--print-address=1",
+                f"--config-file={config}",
+            ],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             stderr=stack.enter_context((directory / "bus.log").open("wb")),

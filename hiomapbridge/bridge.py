@@ -1,0 +1,530 @@
+"""The daemon: one nursery composing the host side, hiomapd and shutdown.
+
+Task tree (inside ``open_bus``, so the bus outlives every task that uses it)::
+
+    bridge nursery
+     ├ hiomap worker      HIOMAP requests, strictly one at a time, in order
+     ├ messaging worker   Get/Clear Message Flags, Read Event Message Buffer,
+     │                    unknown commands: answered at once, never behind
+     │                    a HIOMAP request waiting on hiomapd
+     ├ hiomapd watcher    GetAll whenever hiomapd gains an owner
+     ├ SMS_ATN loop       HostQueue.run_attention
+     └ watchdog           WATCHDOG=1 when systemd asks for it
+
+Signals and D-Bus callbacks are synchronous and never block: they check the
+sender, decode, and hand work to a bounded channel (overflow is answered or
+counted and logged, never silently lost).  The shutdown sequence runs in the
+caller of :meth:`Bridge.serve` (see :func:`run`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+from jeepney import DBusAddress, HeaderFields, MatchRule, Message, new_method_call
+
+from . import systemd
+from .dbus import Bus, BusClosed, DBusError, NameOwner, open_bus, sender_of
+from .events import Event, describe, fold
+from .hiomap import (
+    HIOMAPD_PATH,
+    HIOMAPD_SERVICE,
+    IFACE_V2,
+    Dispatcher,
+    HiomapCall,
+    Rejected,
+    encode_error,
+    encode_reply,
+)
+from .hostq import Fetch, HostQueue
+from .ipmi import (
+    CMD_CLEAR_MESSAGE_FLAGS,
+    CMD_GET_MESSAGE_FLAGS,
+    CMD_HIOMAP,
+    CMD_READ_EVENT_MESSAGE_BUFFER,
+    NETFN_APP,
+    NETFN_OEM_IBM,
+    CompletionCode,
+    response_netfn,
+)
+
+log = logging.getLogger("hiomapbridge")
+
+HOSTIPMI_SERVICE = "org.openbmc.HostIpmi"
+HOSTIPMI_PATH = "/org/openbmc/HostIpmi/1"
+HOSTIPMI_IFACE = "org.openbmc.HostIpmi"
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+
+PROTOCOL_RESET = int(Event.PROTOCOL_RESET)
+DAEMON_READY = int(Event.DAEMON_READY)
+
+#: Requests waiting for the HIOMAP worker.  The host has one request in
+#: flight; anything deeper is a misbehaving peer, answered NODE_BUSY.
+HIOMAP_BACKLOG = 64
+#: Responses waiting for the messaging worker; past this, requests are
+#: dropped (counted, logged): btbridged answers the host 0xCE after 5 s.
+MESSAGING_BACKLOG = 256
+#: How long btbridged may take to accept a response (it gives up on the
+#: host after 5 s itself).
+SEND_REPLY_WITHIN = 5.0
+
+
+@attrs.frozen
+class Config:
+    bus: str = "system"
+    hiomapd_timeout: float = 4.0
+    atn_interval: float = 3.0
+    shutdown_timeout: float = 5.0
+    reject_unknown: bool = True
+
+
+@attrs.frozen
+class HostRequest:
+    """One ``ReceivedMessage`` from the current btbridged."""
+
+    sender: str
+    path: str
+    seq: int
+    netfn: int
+    lun: int
+    cmd: int
+    data: bytes
+
+    def describe(self) -> str:
+        return f"seq={self.seq} netfn={self.netfn:#04x} cmd={self.cmd:#04x}"
+
+
+class RateLimitedLog:
+    """Log at most once per ``interval`` seconds, with a count of the rest."""
+
+    def __init__(self, level: int, interval: float = 10.0) -> None:
+        self.level = level
+        self.interval = interval
+        self.count = 0
+        self._suppressed = 0
+        self._next = -math.inf
+
+    def __call__(self, fmt: str, *args: object) -> None:
+        self.count += 1
+        now = trio.current_time()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            fmt += " (%d similar suppressed)"
+            args = (*args, self._suppressed)
+        self._suppressed = 0
+        self._next = now + self.interval
+        log.log(self.level, fmt, *args)
+
+
+@attrs.define
+class Stats:
+    requests: int = 0
+    hiomap: int = 0
+    events_posted: int = 0
+
+
+class Bridge:
+    """hiomapbridge's state and tasks on one bus connection."""
+
+    def __init__(self, bus: Bus, config: Config) -> None:
+        self.bus = bus
+        self.config = config
+        self.queue = HostQueue(self._set_attention, config.atn_interval)
+        self.dispatcher = Dispatcher()
+        self.btbridged = NameOwner(HOSTIPMI_SERVICE, self._btbridged_changed)
+        self.hiomapd = NameOwner(HIOMAPD_SERVICE, self._hiomapd_changed)
+        self.events = 0  # the event byte as hiomapd last told us
+        self.shutting_down = False
+        self.stats = Stats()
+        self.forged = RateLimitedLog(logging.WARNING)
+        self.rejected_signals = RateLimitedLog(logging.WARNING)
+        self.dropped = RateLimitedLog(logging.ERROR)
+        self._hiomap_tx, self._hiomap_rx = trio.open_memory_channel[HostRequest](
+            HIOMAP_BACKLOG
+        )
+        self._msg_tx, self._msg_rx = trio.open_memory_channel[
+            tuple[HostRequest, int, bytes, Fetch | None]
+        ](MESSAGING_BACKLOG)
+        self._refresh_wanted = trio.Event()
+        self._state_read = trio.Event()
+        self._bt_address = DBusAddress(
+            HOSTIPMI_PATH, bus_name=HOSTIPMI_SERVICE, interface=HOSTIPMI_IFACE
+        )
+        self._hiomapd_addresses: dict[str, DBusAddress] = {}
+
+    # -- start-up ----------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Subscribe, learn the peers and hiomapd's state, start the tasks.
+
+        Returns when the daemon is ready to be announced READY=1.
+        """
+        bus = self.bus
+        bus.on_signal(HOSTIPMI_PATH, HOSTIPMI_IFACE, "ReceivedMessage", self._received)
+        bus.on_signal(
+            HIOMAPD_PATH, PROPERTIES_IFACE, "PropertiesChanged", self._properties
+        )
+        await bus.add_match(
+            MatchRule(
+                type="signal",
+                interface=HOSTIPMI_IFACE,
+                member="ReceivedMessage",
+                path=HOSTIPMI_PATH,
+            )
+        )
+        rule = MatchRule(
+            type="signal",
+            interface=PROPERTIES_IFACE,
+            member="PropertiesChanged",
+            path=HIOMAPD_PATH,
+        )
+        rule.add_arg_condition(0, IFACE_V2)
+        await bus.add_match(rule)
+        await self.btbridged.start(bus)
+        await self.hiomapd.start(bus)
+        nursery.start_soon(self._hiomap_worker)
+        nursery.start_soon(self._messaging_worker)
+        nursery.start_soon(self.queue.run_attention)
+        nursery.start_soon(self._hiomapd_watcher)
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            nursery.start_soon(_watchdog, interval)
+        if self.hiomapd.owner is None:
+            log.info("hiomapd is not running; waiting for it to appear")
+        else:
+            await self._state_read.wait()
+
+    # -- hiomapd state -----------------------------------------------------
+
+    def _hiomapd_changed(self, old: str | None, new: str | None) -> None:
+        if new is not None:
+            self._refresh_wanted.set()
+        elif self.events & DAEMON_READY:
+            log.warning(
+                "hiomapd vanished with DAEMON_READY set (crash?): "
+                "telling the host PROTOCOL_RESET"
+            )
+            self._post(PROTOCOL_RESET)
+
+    async def _hiomapd_watcher(self) -> None:
+        """Read hiomapd's whole state whenever it gains an owner."""
+        while True:
+            await self._refresh_wanted.wait()
+            self._refresh_wanted = trio.Event()
+            owner = self.hiomapd.owner
+            if owner is None:
+                continue
+            msg = new_method_call(
+                DBusAddress(HIOMAPD_PATH, bus_name=owner, interface=PROPERTIES_IFACE),
+                "GetAll",
+                "s",
+                (IFACE_V2,),
+            )
+            done = trio.Event()
+
+            def got(
+                reply: Message | Exception, owner: str = owner, done: trio.Event = done
+            ) -> None:
+                done.set()
+                self._state_read.set()
+                if isinstance(reply, Exception):
+                    log.error("reading hiomapd's state failed: %r", reply)
+                elif owner != self.hiomapd.owner:
+                    log.info("ignoring state of hiomapd %s: no longer the owner", owner)
+                elif reply.header.fields.get(HeaderFields.signature) != "a{sv}":
+                    log.error("hiomapd GetAll: unexpected reply signature")
+                else:
+                    self._apply(0, reply.body[0], "GetAll")
+
+            # The reply is handled in the receiver, in wire order with
+            # PropertiesChanged, so a newer signal is never overwritten by an
+            # older snapshot.
+            await self.bus.call_with_callback(msg, got, self.config.hiomapd_timeout)
+            await done.wait()
+
+    def _properties(self, msg: Message) -> None:
+        sender = sender_of(msg)
+        if sender is None or sender != self.hiomapd.owner:
+            self.forged(
+                "ignored PropertiesChanged from %s: hiomapd is %s",
+                sender,
+                self.hiomapd.owner,
+            )
+            return
+        if msg.header.fields.get(HeaderFields.signature) != "sa{sv}as":
+            self.rejected_signals("ignored PropertiesChanged with a bad signature")
+            return
+        interface, changed, _invalidated = msg.body
+        if interface != IFACE_V2:
+            return
+        self._apply(self.events, changed, "PropertiesChanged")
+
+    def _apply(self, base: int, changed: Any, source: str) -> None:
+        folded = fold(base, changed)
+        for why in folded.ignored:
+            self.rejected_signals("hiomapd %s: ignored %s", source, why)
+        self.events = folded.byte
+        log.debug("hiomapd %s: events now %s", source, describe(folded.byte))
+        self._post(folded.byte)
+
+    def _post(self, byte: int) -> None:
+        self.events = byte
+        if self.shutting_down:
+            log.info(
+                "shutting down: not forwarding event %s to the host", describe(byte)
+            )
+            return
+        self.stats.events_posted += 1
+        self.queue.post(byte)
+
+    # -- host side ---------------------------------------------------------
+
+    def _btbridged_changed(self, old: str | None, new: str | None) -> None:
+        if new is not None and old is not None:
+            log.info("btbridged restarted; re-announcing any waiting event")
+        if new is not None:
+            self.queue.kick()
+
+    def _received(self, msg: Message) -> None:
+        sender = sender_of(msg)
+        if sender is None or sender != self.btbridged.owner:
+            self.forged(
+                "ignored ReceivedMessage from %s: btbridged is %s",
+                sender,
+                self.btbridged.owner,
+            )
+            return
+        if msg.header.fields.get(HeaderFields.signature) != "yyyyay":
+            self.rejected_signals("ignored ReceivedMessage with a bad signature")
+            return
+        seq, netfn, lun, cmd, data = msg.body
+        req = HostRequest(
+            sender, msg.header.fields[HeaderFields.path], seq, netfn, lun, cmd, data
+        )
+        self.stats.requests += 1
+        log.debug("host request %s data=%s", req.describe(), data.hex())
+        if netfn == NETFN_OEM_IBM and cmd == CMD_HIOMAP:
+            try:
+                self._hiomap_tx.send_nowait(req)
+            except trio.WouldBlock:
+                self._respond_soon(req, CompletionCode.NODE_BUSY)
+        elif netfn == NETFN_APP and cmd == CMD_GET_MESSAGE_FLAGS:
+            self._respond_soon(req, 0, bytes([self.queue.message_flags()]))
+        elif netfn == NETFN_APP and cmd == CMD_CLEAR_MESSAGE_FLAGS:
+            self._respond_soon(req, 0)
+        elif netfn == NETFN_APP and cmd == CMD_READ_EVENT_MESSAGE_BUFFER:
+            fetch = self.queue.fetch()
+            self._respond_soon(req, 0, fetch.record, fetch)
+        elif self.config.reject_unknown:
+            self._respond_soon(req, CompletionCode.INVALID_COMMAND)
+        else:
+            log.debug("not answering %s (--no-reject-unknown)", req.describe())
+
+    def _respond_soon(
+        self, req: HostRequest, cc: int, data: bytes = b"", fetch: Fetch | None = None
+    ) -> None:
+        try:
+            self._msg_tx.send_nowait((req, cc, data, fetch))
+        except trio.WouldBlock:
+            self.dropped(
+                "response backlog full: dropped %s (btbridged answers the host 0xCE)",
+                req.describe(),
+            )
+
+    async def _messaging_worker(self) -> None:
+        async for req, cc, data, fetch in self._msg_rx:
+            await self._respond(req, cc, data, fetch)
+
+    async def _respond(
+        self, req: HostRequest, cc: int, data: bytes, fetch: Fetch | None = None
+    ) -> None:
+        """Send the response with ``sendMessage``; do not wait for the reply
+        (a stalled btbridged must not stall us), but learn its outcome."""
+        msg = new_method_call(
+            DBusAddress(req.path, bus_name=req.sender, interface=HOSTIPMI_IFACE),
+            "sendMessage",
+            "yyyyyay",
+            (req.seq, response_netfn(req.netfn), req.lun, req.cmd, cc, data),
+        )
+        log.debug("response %s cc=%#04x data=%s", req.describe(), cc, data.hex())
+
+        def outcome(reply: Message | Exception) -> None:
+            if not isinstance(reply, Exception):
+                if fetch is not None:
+                    self.queue.delivered(fetch)
+                return
+            if fetch is not None:
+                self.queue.failed(fetch, f"sendMessage: {reply!r}")
+            else:
+                log.warning("sendMessage for %s failed: %r", req.describe(), reply)
+
+        await self.bus.call_with_callback(msg, outcome, SEND_REPLY_WITHIN)
+
+    async def _hiomap_worker(self) -> None:
+        async for req in self._hiomap_rx:
+            cc, data = await self._hiomap(req)
+            await self._respond(req, cc, data)
+
+    async def _hiomap(self, req: HostRequest) -> tuple[int, bytes]:
+        self.stats.hiomap += 1
+        plan = self.dispatcher.request(req.data)
+        if isinstance(plan, Rejected):
+            log.info("HIOMAP %s rejected: %s", req.describe(), plan.reason)
+            return plan.cc, b""
+        return await self._call_hiomapd(plan)
+
+    async def _call_hiomapd(self, plan: HiomapCall) -> tuple[int, bytes]:
+        address = self._hiomapd_addresses.get(plan.interface)
+        if address is None:
+            address = DBusAddress(
+                HIOMAPD_PATH, bus_name=HIOMAPD_SERVICE, interface=plan.interface
+            )
+            self._hiomapd_addresses[plan.interface] = address
+        msg = new_method_call(
+            address,
+            plan.member,
+            plan.signature or None,
+            plan.args,
+        )
+        try:
+            with trio.fail_after(self.config.hiomapd_timeout):
+                reply = await self.bus.call(msg)
+        except trio.TooSlowError:
+            log.error(
+                "hiomapd %s: no reply within %ss",
+                plan.member,
+                self.config.hiomapd_timeout,
+            )
+            return CompletionCode.TIMEOUT, b""
+        except DBusError as exc:
+            cc = encode_error(exc.name)
+            log.info("hiomapd %s failed: %s -> cc %#04x", plan.member, exc, cc)
+            return cc, b""
+        signature = reply.header.fields.get(HeaderFields.signature, "")
+        cc, data = encode_reply(plan, signature, reply.body)
+        if cc != CompletionCode.OK:
+            log.error(
+                "hiomapd %s: unexpected reply %r (signature %r, wanted %r)",
+                plan.member,
+                reply.body,
+                signature,
+                plan.reply_signature,
+            )
+        return cc, data
+
+    async def _set_attention(self) -> None:
+        msg = new_method_call(self._bt_address, "setAttention")
+        log.debug("asserting SMS_ATN (event %s waits)", self.queue.waiting_byte)
+        with trio.fail_after(SEND_REPLY_WITHIN):
+            await self.bus.call(msg)
+
+    # -- shutdown ----------------------------------------------------------
+
+    async def shut_down(self) -> bool:
+        """Deliver what is posted, then PROTOCOL_RESET, within the deadline.
+
+        Returns True when the host holds PROTOCOL_RESET.  hiomapd's events
+        after this point are not forwarded: the host is about to lose the
+        bridge, so "daemon gone, protocol reset" is the truth it must end on.
+        """
+        systemd.notify("STOPPING=1")
+        self.shutting_down = True
+        queue = self.queue
+        with trio.move_on_after(self.config.shutdown_timeout):
+            if queue.waiting:
+                log.info("shutdown: waiting for the host to fetch %s", _waiting(queue))
+            await queue.wait_all_delivered()
+            if queue.last_delivered != PROTOCOL_RESET:
+                log.info("shutdown: telling the host PROTOCOL_RESET")
+                await queue.wait_delivered(queue.post(PROTOCOL_RESET))
+            log.info("shutdown: the host holds PROTOCOL_RESET")
+            return True
+        log.error(
+            "shutdown: the host did not fetch event %s within %ss; exiting anyway",
+            _waiting(queue),
+            self.config.shutdown_timeout,
+        )
+        return False
+
+
+def _waiting(queue: HostQueue) -> str:
+    byte = queue.waiting_byte
+    return describe(byte) if byte is not None else "(none)"
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        systemd.notify("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
+#: Exit statuses (see README, "Exit status").
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # a second SIGINT: left at once
+
+
+async def run(
+    config: Config,
+    address: str,
+    signals: Any,
+    on_ready: Callable[[Bridge], None] | None = None,
+) -> int:
+    """Run the bridge until a signal; return the exit status.
+
+    ``signals`` is an async iterator of signal numbers (trio's signal
+    receiver, opened by the caller before anything else).
+    """
+    import signal as _signal
+
+    async with open_bus(address) as bus:
+        bridge = Bridge(bus, config)
+        async with trio.open_nursery() as nursery:
+            await bridge.start(nursery)
+            log.info(
+                "ready: btbridged %s, hiomapd %s, events %s",
+                bridge.btbridged.owner or "(absent)",
+                bridge.hiomapd.owner or "(absent)",
+                describe(bridge.events),
+            )
+            systemd.notify("READY=1")
+            if on_ready is not None:
+                on_ready(bridge)
+            status = EXIT_OK
+            async for first in signals:
+                log.info("%s received: shutting down", _signal.Signals(first).name)
+                break
+            async with trio.open_nursery() as shutdown:
+
+                async def more_signals() -> None:
+                    nonlocal status
+                    async for signum in signals:
+                        if signum == _signal.SIGINT:
+                            log.warning("second SIGINT: leaving at once")
+                            status = EXIT_INTERRUPTED
+                            shutdown.cancel_scope.cancel()
+                            return
+                        log.info(
+                            "%s during shutdown: already shutting down",
+                            _signal.Signals(signum).name,
+                        )
+
+                async def sequence() -> None:
+                    await bridge.shut_down()
+                    shutdown.cancel_scope.cancel()
+
+                shutdown.start_soon(more_signals)
+                shutdown.start_soon(sequence)
+            nursery.cancel_scope.cancel()
+    return status
+
+
+__all__ = ["Bridge", "BusClosed", "Config", "run"]
