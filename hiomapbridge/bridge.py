@@ -268,8 +268,10 @@ class Bridge:
 
     def _apply(self, base: int, changed: Any, source: str) -> None:
         folded = fold(base, changed)
-        for why in folded.ignored:
-            self.rejected_signals("hiomapd %s: ignored %s", source, why)
+        if folded.ignored:
+            self.rejected_signals(
+                "hiomapd %s: ignored %s", source, "; ".join(folded.ignored)
+            )
         self.events = folded.byte
         log.debug("hiomapd %s: events now %s", source, describe(folded.byte))
         self._post(folded.byte)

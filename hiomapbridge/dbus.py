@@ -132,7 +132,7 @@ class Bus:
         self._nursery = nursery
         self._pending: dict[int, _PendingCall] = {}
         self._signal_handlers: dict[tuple[str, str, str], list[SignalHandler]] = {}
-        self._exports: dict[str, MethodHandler] = {}
+        self._exports: dict[str, Callable[[Message], None]] = {}
         self._closed: BusClosed | None = None
         self._next_expiry = math.inf
         self._expiry_wake = trio.Event()
@@ -260,7 +260,19 @@ class Bus:
     def export(self, path: str, handler: MethodHandler) -> None:
         """Serve method calls to ``path``: each runs ``handler`` as a task,
         which must send exactly one reply (unless the caller wants none)."""
-        self._exports[path] = handler
+
+        def spawn(msg: Message) -> None:
+            self._nursery.start_soon(self._serve_one, handler, msg)
+
+        self._exports[path] = spawn
+
+    def export_inline(self, path: str, callback: Callable[[Message], None]) -> None:
+        """Serve method calls to ``path`` by calling ``callback`` synchronously
+        in the receiver task, in wire order (for a server that must process
+        calls strictly in arrival order: trio does not promise to run new
+        tasks in the order they were started).  It must not block; replying
+        is up to whatever it hands the message to."""
+        self._exports[path] = callback
 
     def unexport(self, path: str) -> None:
         self._exports.pop(path, None)
@@ -313,9 +325,18 @@ class Bus:
             path = msg.header.fields.get(HeaderFields.path, "")
             export = self._exports.get(path)
             if export is not None:
-                self._nursery.start_soon(self._serve_one, export, msg)
+                try:
+                    export(msg)
+                except Exception:
+                    log.exception("method handler failed")
+                    self._nursery.start_soon(self._answer_failed, msg)
             else:
                 self._nursery.start_soon(self._answer_unknown, msg)
+
+    async def _answer_failed(self, msg: Message) -> None:
+        await self.reply_error(
+            msg, "org.freedesktop.DBus.Error.Failed", "internal error"
+        )
 
     async def _serve_one(self, handler: MethodHandler, msg: Message) -> None:
         try:
@@ -324,9 +345,7 @@ class Bus:
             pass
         except Exception:
             log.exception("method handler failed")
-            await self.reply_error(
-                msg, "org.freedesktop.DBus.Error.Failed", "internal error"
-            )
+            await self._answer_failed(msg)
 
     async def _answer_unknown(self, msg: Message) -> None:
         fields = msg.header.fields

@@ -1,0 +1,44 @@
+"""``hiomapbridge-sim``: the flash bench's peers on the command line.
+
+Subcommands are contributed by the simulator modules (each has an
+``add_parser(subparsers)`` that sets ``func``), so this file only composes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import btbridged, hiomapd, host
+
+    parser = argparse.ArgumentParser(
+        prog="hiomapbridge-sim",
+        description=(
+            "Real peers for hiomapbridge on an ordinary Linux box: a hiomapd "
+            "emulator serving a flash file, a btbridged stand-in, and a host "
+            "HIOMAP client (behaving like skiboot) on top of it."
+        ),
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    hiomapd.add_parser(sub)
+    btbridged.add_parser(sub)
+    host.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    status: int = args.func(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
