@@ -133,10 +133,14 @@ class Stats:
 class Bridge:
     """hiomapbridge's state and tasks on one bus connection."""
 
+    #: Tests substitute a queue with ipmid's completion-on-dequeue to show
+    #: that the shutdown tests detect the race it leaves open.
+    queue_class: type[HostQueue] = HostQueue
+
     def __init__(self, bus: Bus, config: Config) -> None:
         self.bus = bus
         self.config = config
-        self.queue = HostQueue(self._set_attention, config.atn_interval)
+        self.queue = self.queue_class(self._set_attention, config.atn_interval)
         self.dispatcher = Dispatcher()
         self.btbridged = NameOwner(HOSTIPMI_SERVICE, self._btbridged_changed)
         self.hiomapd = NameOwner(HIOMAPD_SERVICE, self._hiomapd_changed)
@@ -479,6 +483,7 @@ async def run(
     address: str,
     signals: Any,
     on_ready: Callable[[Bridge], None] | None = None,
+    bridge_class: type[Bridge] = Bridge,
 ) -> int:
     """Run the bridge until a signal; return the exit status.
 
@@ -488,7 +493,7 @@ async def run(
     import signal as _signal
 
     async with open_bus(address) as bus:
-        bridge = Bridge(bus, config)
+        bridge = bridge_class(bus, config)
         async with trio.open_nursery() as nursery:
             await bridge.start(nursery)
             log.info(

@@ -37,7 +37,11 @@ class RunningBridge:
 
 
 @asynccontextmanager
-async def run_bridge(address: str, **config: object) -> AsyncIterator[RunningBridge]:
+async def run_bridge(
+    address: str,
+    bridge_class: type[bridge.Bridge] = bridge.Bridge,
+    **config: object,
+) -> AsyncIterator[RunningBridge]:
     """Run the bridge until the block ends (or it exits after a signal)."""
     send, receive = trio.open_memory_channel[int](16)
     ready: list[bridge.Bridge] = []
@@ -56,6 +60,7 @@ async def run_bridge(address: str, **config: object) -> AsyncIterator[RunningBri
                 address,
                 receive,
                 on_ready,
+                bridge_class,
             )
             if holder:
                 holder[0].status = status
