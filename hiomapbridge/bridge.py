@@ -102,7 +102,9 @@ class HostRequest:
 class RateLimitedLog:
     """Log at most once per ``interval`` seconds, with a count of the rest."""
 
-    def __init__(self, level: int, interval: float = 10.0) -> None:
+    INTERVAL = 10.0
+
+    def __init__(self, level: int, interval: float = INTERVAL) -> None:
         self.level = level
         self.interval = interval
         self.count = 0
@@ -121,6 +123,14 @@ class RateLimitedLog:
         self._suppressed = 0
         self._next = now + self.interval
         log.log(self.level, fmt, *args)
+
+    def flush(self, what: str) -> None:
+        """Log the count of lines suppressed since the last one, if any."""
+        if self._suppressed:
+            log.log(
+                self.level, "%d more %s since the last report", self._suppressed, what
+            )
+            self._suppressed = 0
 
 
 @attrs.define
@@ -197,6 +207,7 @@ class Bridge:
         nursery.start_soon(self._messaging_worker)
         nursery.start_soon(self.queue.run_attention)
         nursery.start_soon(self._hiomapd_watcher)
+        nursery.start_soon(self._flush_logs)
         interval = systemd.watchdog_interval()
         if interval is not None:
             nursery.start_soon(_watchdog, interval)
@@ -425,6 +436,35 @@ class Bridge:
             )
         return cc, data
 
+    def _limited_logs(self) -> list[tuple[RateLimitedLog, str]]:
+        return [
+            (self.forged, "signals from impostors ignored"),
+            (self.rejected_signals, "malformed signals or properties ignored"),
+            (self.dropped, "host requests dropped (backlog full)"),
+        ]
+
+    async def _flush_logs(self) -> None:
+        """Bursts are logged once per interval: report what was suppressed."""
+        while True:
+            await trio.sleep(RateLimitedLog.INTERVAL)
+            for limited, what in self._limited_logs():
+                limited.flush(what)
+
+    def report(self) -> None:
+        """Log what this run handled and what it refused (at exit)."""
+        for limited, what in self._limited_logs():
+            limited.flush(what)
+        counts = ", ".join(
+            f"{limited.count} {what}" for limited, what in self._limited_logs()
+        )
+        log.info(
+            "handled %d host requests (%d HIOMAP), posted %d events; %s",
+            self.stats.requests,
+            self.stats.hiomap,
+            self.stats.events_posted,
+            counts,
+        )
+
     async def _set_attention(self) -> None:
         msg = new_method_call(self._bt_address, "setAttention")
         log.debug("asserting SMS_ATN (event %s waits)", self.queue.waiting_byte)
@@ -530,6 +570,7 @@ async def run(
 
                 shutdown.start_soon(more_signals)
                 shutdown.start_soon(sequence)
+            bridge.report()
             nursery.cancel_scope.cancel()
     return status
 

@@ -90,14 +90,19 @@ class HostQueue:
     def post(self, byte: int) -> int:
         """Make ``byte`` the event the host should hold; return its generation.
 
-        If nothing waits and the host already holds ``byte`` this is a no-op
-        (the returned generation is already delivered).  Otherwise the byte
-        replaces whatever waited: the host fetches only the newest state.
+        If nothing waits and the host already holds ``byte``, or ``byte`` is
+        what already waits, this is a no-op returning that generation.
+        Otherwise the byte replaces whatever waited: the host fetches only
+        the newest state.
         """
         if not self.waiting:
             if byte == self.last_delivered:
                 return self._delivered
             self._request_attention()
+        elif byte == self._byte:
+            # Already waiting: a response carrying the current generation
+            # (maybe in flight now) delivers exactly this state.
+            return self._posted
         self._posted += 1
         self._byte = byte
         log.debug("event %s posted (generation %d)", describe(byte), self._posted)

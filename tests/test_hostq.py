@@ -189,3 +189,18 @@ async def test_kick_reasserts_only_while_waiting(
     queue.kick()
     await trio.testing.wait_all_tasks_blocked()
     assert len(attention.times) == 2
+
+
+async def test_reposting_the_waiting_byte_adds_no_generation(
+    queue: HostQueue, attention: Attention
+) -> None:
+    """hiomapd re-emits its set bits on GET_INFO: the same byte posted while
+    it waits (its response maybe in flight) must not cost the host a fetch."""
+    gen = queue.post(0x80)
+    await trio.testing.wait_all_tasks_blocked()
+    in_flight = queue.fetch()
+    assert queue.post(0x80) == gen
+    queue.delivered(in_flight)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not queue.waiting
+    assert len(attention.times) == 1
