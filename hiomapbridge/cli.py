@@ -139,6 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         log.exception("fatal error")
         return bridge.EXIT_FAILURE
+    finally:
+        # Python resets its own handlers to SIG_DFL while the interpreter
+        # shuts down; SIG_IGN survives that, so a signal arriving during the
+        # very last moments cannot turn the exit status into "killed".
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
