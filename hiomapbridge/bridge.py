@@ -20,7 +20,6 @@ caller of :meth:`Bridge.serve` (see :func:`run`).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +51,7 @@ from .ipmi import (
     CompletionCode,
     response_netfn,
 )
+from .ratelimit import RateLimitedLog
 
 log = logging.getLogger("hiomapbridge")
 
@@ -99,40 +99,6 @@ class HostRequest:
         return f"seq={self.seq} netfn={self.netfn:#04x} cmd={self.cmd:#04x}"
 
 
-class RateLimitedLog:
-    """Log at most once per ``interval`` seconds, with a count of the rest."""
-
-    INTERVAL = 10.0
-
-    def __init__(self, level: int, interval: float = INTERVAL) -> None:
-        self.level = level
-        self.interval = interval
-        self.count = 0
-        self._suppressed = 0
-        self._next = -math.inf
-
-    def __call__(self, fmt: str, *args: object) -> None:
-        self.count += 1
-        now = trio.current_time()
-        if now < self._next:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            fmt += " (%d similar suppressed)"
-            args = (*args, self._suppressed)
-        self._suppressed = 0
-        self._next = now + self.interval
-        log.log(self.level, fmt, *args)
-
-    def flush(self, what: str) -> None:
-        """Log the count of lines suppressed since the last one, if any."""
-        if self._suppressed:
-            log.log(
-                self.level, "%d more %s since the last report", self._suppressed, what
-            )
-            self._suppressed = 0
-
-
 @attrs.define
 class Stats:
     requests: int = 0
@@ -157,9 +123,9 @@ class Bridge:
         self.events = 0  # the event byte as hiomapd last told us
         self.shutting_down = False
         self.stats = Stats()
-        self.forged = RateLimitedLog(logging.WARNING)
-        self.rejected_signals = RateLimitedLog(logging.WARNING)
-        self.dropped = RateLimitedLog(logging.ERROR)
+        self.forged = RateLimitedLog(log, logging.WARNING)
+        self.rejected_signals = RateLimitedLog(log, logging.WARNING)
+        self.dropped = RateLimitedLog(log, logging.ERROR)
         self._hiomap_tx, self._hiomap_rx = trio.open_memory_channel[HostRequest](
             HIOMAP_BACKLOG
         )
@@ -326,7 +292,8 @@ class Bridge:
             sender, msg.header.fields[HeaderFields.path], seq, netfn, lun, cmd, data
         )
         self.stats.requests += 1
-        log.debug("host request %s data=%s", req.describe(), data.hex())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("host request %s data=%s", req.describe(), data.hex())
         if netfn == NETFN_OEM_IBM and cmd == CMD_HIOMAP:
             try:
                 self._hiomap_tx.send_nowait(req)
@@ -370,7 +337,8 @@ class Bridge:
             "yyyyyay",
             (req.seq, response_netfn(req.netfn), req.lun, req.cmd, cc, data),
         )
-        log.debug("response %s cc=%#04x data=%s", req.describe(), cc, data.hex())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("response %s cc=%#04x data=%s", req.describe(), cc, data.hex())
 
         def outcome(reply: Message | Exception) -> None:
             if not isinstance(reply, Exception):
@@ -441,6 +409,7 @@ class Bridge:
             (self.forged, "signals from impostors ignored"),
             (self.rejected_signals, "malformed signals or properties ignored"),
             (self.dropped, "host requests dropped (backlog full)"),
+            (self.bus.stray_replies, "replies from connections we did not call"),
         ]
 
     async def _flush_logs(self) -> None:
@@ -467,7 +436,8 @@ class Bridge:
 
     async def _set_attention(self) -> None:
         msg = new_method_call(self._bt_address, "setAttention")
-        log.debug("asserting SMS_ATN (event %s waits)", self.queue.waiting_byte)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("asserting SMS_ATN (event %s waits)", _waiting(self.queue))
         with trio.fail_after(SEND_REPLY_WITHIN):
             await self.bus.call(msg)
 

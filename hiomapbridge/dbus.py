@@ -40,10 +40,13 @@ from jeepney.bus import get_connectable_addresses
 from jeepney.bus_messages import message_bus
 from jeepney.io.trio import open_dbus_connection
 
+from .ratelimit import RateLimitedLog
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"
 BUS_CALL_TIMEOUT = 10.0  # seconds for calls to the message bus itself
+BUS_NAME = "org.freedesktop.DBus"
 
 SignalHandler = Callable[[Message], None]
 MethodHandler = Callable[[Message], Awaitable[None]]
@@ -106,11 +109,15 @@ ReplyCallback = Callable[["Message | Exception"], None]
 class _PendingCall:
     """A call waiting for its reply: a task (``event``) or a ``callback``."""
 
-    __slots__ = ("callback", "deadline", "event", "reply")
+    __slots__ = ("callback", "deadline", "event", "expect", "reply")
 
     def __init__(
-        self, callback: ReplyCallback | None = None, deadline: float = math.inf
+        self,
+        expect: str | None,
+        callback: ReplyCallback | None = None,
+        deadline: float = math.inf,
     ) -> None:
+        self.expect = expect  # the only sender (besides the bus) to accept
         self.event: trio.Event | None = None if callback else trio.Event()
         self.callback = callback
         self.deadline = deadline
@@ -133,7 +140,10 @@ class Bus:
         self._pending: dict[int, _PendingCall] = {}
         self._signal_handlers: dict[tuple[str, str, str], list[SignalHandler]] = {}
         self._exports: dict[str, Callable[[Message], None]] = {}
+        self._owners: dict[str, NameOwner] = {}
         self._closed: BusClosed | None = None
+        #: replies from a connection the call did not go to (counted, logged)
+        self.stray_replies = RateLimitedLog(log, logging.WARNING)
         self._next_expiry = math.inf
         self._expiry_wake = trio.Event()
         self.unique_name: str = conn.unique_name
@@ -158,14 +168,14 @@ class Bus:
         if self._closed is not None:
             raise self._closed
         serial = next(self._conn.outgoing_serial)
-        pending = _PendingCall()
+        pending = _PendingCall(self._expected_sender(msg))
         assert pending.event is not None
         self._pending[serial] = pending
         try:
             await self._send_serial(msg, serial)
             await pending.event.wait()
         finally:
-            del self._pending[serial]
+            self._pending.pop(serial, None)
         reply = pending.reply
         if isinstance(reply, BusClosed):
             raise reply
@@ -185,7 +195,9 @@ class Bus:
             raise self._closed
         serial = next(self._conn.outgoing_serial)
         deadline = trio.current_time() + reply_within
-        self._pending[serial] = _PendingCall(callback, deadline)
+        self._pending[serial] = _PendingCall(
+            self._expected_sender(msg), callback, deadline
+        )
         if deadline < self._next_expiry:
             self._next_expiry = deadline
             self._expiry_wake.set()
@@ -213,10 +225,23 @@ class Bus:
                 if pending.callback is None:
                     continue
                 if pending.deadline <= now:
-                    del self._pending[serial]
+                    self._pending.pop(serial, None)
                     _run_callback(pending.callback, trio.TooSlowError())
                 elif pending.deadline < self._next_expiry:
                     self._next_expiry = pending.deadline
+
+    def _expected_sender(self, msg: Message) -> str | None:
+        """Who may answer ``msg``: its unique-name destination, or the
+        tracked owner of its well-known one ("" while it has none, so that
+        only the bus's own errors count).  None: not checked (a well-known
+        name nobody tracks)."""
+        dest: str | None = msg.header.fields.get(HeaderFields.destination)
+        if dest is None or dest.startswith(":") or dest == BUS_NAME:
+            return dest
+        tracker = self._owners.get(dest)
+        if tracker is None:
+            return None
+        return tracker.owner or ""
 
     async def bus_call(self, method: str, signature: str = "", *args: Any) -> Message:
         """Call a method of the message bus itself."""
@@ -311,8 +336,18 @@ class Bus:
             pending = self._pending.get(serial) if serial is not None else None
             if pending is None or pending.reply is not None:
                 log.debug("ignoring reply to serial %s we do not wait for", serial)
+            elif pending.expect is not None and sender_of(msg) not in (
+                pending.expect,
+                BUS_NAME,
+            ):
+                self.stray_replies(
+                    "ignoring a reply to serial %s from %s: the call went to %s",
+                    serial,
+                    sender_of(msg),
+                    pending.expect or "(no owner)",
+                )
             elif pending.callback is not None:
-                del self._pending[serial]
+                self._pending.pop(serial, None)
                 if mtype == MessageType.error:
                     _run_callback(pending.callback, error_from_reply(msg))
                 else:
@@ -423,6 +458,7 @@ class NameOwner:
         self._on_change = on_change
 
     async def start(self, bus: Bus) -> None:
+        bus._owners[self.name] = self
         bus.on_signal(
             "/org/freedesktop/DBus",
             "org.freedesktop.DBus",
