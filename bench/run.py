@@ -1,0 +1,788 @@
+#!/usr/bin/env python3
+"""hiomapbridge benchmark harness (issue 6).
+
+One run, over a real private dbus-daemon:
+
+* the hiomapd emulator (in this process, on its own bus connection);
+* the btbridged stand-in and the skiboot-like host client (in this process);
+* the bridge, as a real subprocess (``python -m hiomapbridge``), started the
+  way systemd starts it (``NOTIFY_SOCKET``, READY=1, SIGTERM).
+
+Per repeat: exec -> READY=1; HIOMAP round trips seen by the host through the
+bridge, alternating in blocks with the same calls made directly to the
+emulator over D-Bus (so the overhead ratio comes from one run); the bridge's
+CPU time over the bridged blocks from ``/proc/<pid>/stat``; event latency
+(emulator's ``PropertiesChanged`` -> the host holds the byte); SIGTERM ->
+exit with a responsive host.  Then, once: a soak of ``--soak`` commands
+(RSS at start and after), and a profiled run (py-spy if it works here, else
+cProfile) whose summary is saved beside the results.
+
+Writes ``OUT/results.json`` (medians over the repeats), ``OUT/results.md``,
+``OUT/runs.json`` (every repeat, the RSS series, the profile split),
+``OUT/latency.png`` and ``OUT/profile-*.txt``.
+
+    python bench/run.py                 # 3 repeats of 10,000 commands + 100k soak
+    python bench/run.py --quick         # a few seconds: checks the harness only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import trio
+from jeepney import DBusAddress, new_method_call
+
+from hiomapbridge.dbus import Bus, open_bus
+from hiomapbridge.hiomap import (
+    HIOMAPD_PATH,
+    HIOMAPD_SERVICE,
+    Command,
+    Dispatcher,
+    HiomapCall,
+    pack_request,
+    window_args,
+)
+from hiomapbridge.sim.hiomapd import Emulator, run_emulator
+from hiomapbridge.sim.host import PROTOCOL_RESET, Host, run_host
+from hiomapbridge.sim.privatebus import private_bus
+from hiomapbridge.sim.process import Service, run_service
+
+RESULT_KEYS = (
+    "roundtrip_p50_us",
+    "roundtrip_p99_us",
+    "direct_p50_us",
+    "overhead_ratio_p50",
+    "commands_per_s",
+    "bridge_cpu_us_per_command",
+    "event_latency_p50_us",
+    "event_latency_p99_us",
+    "rss_start_kb",
+    "rss_after_kb",
+    "ready_s",
+    "shutdown_after_fetch_ms",
+)
+
+#: (key, unit, target text, predicate on the value) for the markdown table.
+TARGETS: dict[str, tuple[str, str, Callable[[float], bool] | None]] = {
+    "roundtrip_p50_us": ("µs", "", None),
+    "roundtrip_p99_us": ("µs", "", None),
+    "direct_p50_us": ("µs", "", None),
+    "overhead_ratio_p50": ("x", "≤ 1.5", lambda v: v <= 1.5),
+    "commands_per_s": ("/s", "", None),
+    "bridge_cpu_us_per_command": ("µs", "≤ 100", lambda v: v <= 100),
+    "event_latency_p50_us": ("µs", "", None),
+    "event_latency_p99_us": ("µs", "≤ 2000", lambda v: v <= 2000),
+    "rss_start_kb": ("KiB", "≤ 32768", lambda v: v <= 32768),
+    "rss_after_kb": ("KiB", "≤ 32768, flat", lambda v: v <= 32768),
+    "ready_s": ("s", "≤ 0.4", lambda v: v <= 0.4),
+    "shutdown_after_fetch_ms": ("ms", "≤ 50", lambda v: v <= 50),
+}
+
+FLASH_SIZE = 8 << 20  # 2048 blocks of 4 KiB
+BLOCK_SHIFT = 12
+BLOCK_TIMEOUT = 10.0  # seconds: generous bound on any single step
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- the command mix ------------------------------------------------------------
+
+
+def command_mix(count: int, seed: int = 6) -> list[tuple[int, bytes]]:
+    """A boot-like HIOMAP stream: mostly CREATE_READ_WINDOW at scattered
+    offsets (the host reading partitions), some CLOSE_WINDOW, GET_FLASH_INFO
+    and ACK.  No GET_INFO: it re-announces events, which would mix event
+    traffic into the round trips."""
+    rng = random.Random(seed)
+    blocks = FLASH_SIZE >> BLOCK_SHIFT
+    out: list[tuple[int, bytes]] = []
+    for _ in range(count):
+        r = rng.random()
+        if r < 0.80:
+            offset = rng.randrange(blocks)
+            size = rng.randint(1, 16)
+            out.append((Command.CREATE_READ_WINDOW, window_args(offset, size)))
+        elif r < 0.88:
+            out.append((Command.GET_FLASH_INFO, b""))
+        elif r < 0.94:
+            out.append((Command.CLOSE_WINDOW, b"\x00"))
+        else:
+            out.append((Command.ACK, b"\x03"))
+    return out
+
+
+def direct_plans(mix: list[tuple[int, bytes]]) -> list[HiomapCall]:
+    """The D-Bus calls the bridge makes for ``mix`` (decoded up front)."""
+    dispatcher = Dispatcher()
+    plans = []
+    for i, (cmd, args) in enumerate(mix):
+        plan = dispatcher.request(pack_request(cmd, (i + 1) & 0xFF, args))
+        assert isinstance(plan, HiomapCall), plan
+        plans.append(plan)
+    return plans
+
+
+# -- /proc ------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (all threads) from /proc/<pid>/stat."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def child_pid(pid: int) -> int:
+    """The single child of ``pid`` (the bridge under py-spy)."""
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        kids = path.read_text().split()
+        if kids:
+            return int(kids[0])
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
+            return int(stat.parent.name)
+    raise RuntimeError(f"{pid} has no child")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100])."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+# -- the rig ------------------------------------------------------------------------
+
+
+class Rig:
+    """The bus peers living in this process, and a way to start bridges."""
+
+    def __init__(
+        self, address: str, directory: Path, emu: Emulator, host: Host, direct: Bus
+    ) -> None:
+        self.address = address
+        self.directory = directory
+        self.emu = emu
+        self.host = host
+        self.direct = direct
+        self._started = 0
+
+    def bridge_argv(self, profiler: str | None, profile_out: Path | None) -> list[str]:
+        argv = [sys.executable, "-m", "hiomapbridge", "--bus", self.address]
+        if profiler == "py-spy":
+            assert profile_out is not None
+            pyspy = shutil.which("py-spy") or str(
+                Path(sys.executable).with_name("py-spy")
+            )
+            return [
+                pyspy,
+                "record",
+                "--rate",
+                "1000",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--full-filenames",
+                "--output",
+                str(profile_out),
+                "--",
+                *argv,
+            ]
+        if profiler == "cprofile":
+            assert profile_out is not None
+            return [sys.executable, "-m", "cProfile", "-o", str(profile_out), *argv[1:]]
+        return argv
+
+    async def start_bridge(
+        self,
+        stack: AsyncExitStack,
+        profiler: str | None = None,
+        profile_out: Path | None = None,
+    ) -> tuple[Service, int]:
+        """Start a bridge; return it and the pid of the Python process."""
+        self._started += 1
+        service = await stack.enter_async_context(
+            run_service(
+                f"bridge{self._started}",
+                self.bridge_argv(profiler, profile_out),
+                self.directory,
+                ready_timeout=60,
+            )
+        )
+        pid = service.process.pid
+        if profiler == "py-spy":
+            pid = child_pid(pid)
+        # The bridge posts hiomapd's state at start; let the host take it.
+        host = self.host
+        await host.wait_until(lambda: host.state & 0x80 != 0)
+        await host.start()  # skiboot's start-up: ACK, GET_INFO, GET_FLASH_INFO
+        await self.settle()
+        return service, pid
+
+    async def settle(self) -> None:
+        """Wait until no event is on its way to the host."""
+        await trio.sleep(0.05)
+
+    async def stop_bridge(self, service: Service, pid: int) -> dict[str, float]:
+        """SIGTERM the bridge; time its exit against the host's fetch of
+        PROTOCOL_RESET."""
+        host = self.host
+        seen = len(host.events)
+        sent = trio.current_time()
+        os.kill(pid, signal.SIGTERM)
+        with trio.fail_after(BLOCK_TIMEOUT):
+            status = await service.wait()
+        assert service.exited_at is not None
+        if status != 0:
+            raise RuntimeError(f"bridge exited {status}:\n{service.log()}")
+        fetched = [
+            e
+            for e in host.events[seen:]
+            if e.data is not None and e.data & PROTOCOL_RESET
+        ]
+        if not fetched:
+            raise RuntimeError("the host never fetched PROTOCOL_RESET")
+        return {
+            "sigterm_to_exit_ms": (service.exited_at - sent) * 1000,
+            "shutdown_after_fetch_ms": (service.exited_at - fetched[0].trio_time)
+            * 1000,
+        }
+
+
+async def bridged_block(host: Host, mix: list[tuple[int, bytes]]) -> list[float]:
+    out = []
+    clock = time.perf_counter
+    for cmd, args in mix:
+        t0 = clock()
+        await host.command(cmd, args)
+        out.append(clock() - t0)
+    return out
+
+
+async def direct_block(bus: Bus, plans: list[HiomapCall]) -> list[float]:
+    out = []
+    clock = time.perf_counter
+    addresses: dict[str, DBusAddress] = {}
+    for plan in plans:
+        t0 = clock()
+        address = addresses.get(plan.interface)
+        if address is None:
+            address = addresses[plan.interface] = DBusAddress(
+                HIOMAPD_PATH, bus_name=HIOMAPD_SERVICE, interface=plan.interface
+            )
+        msg = new_method_call(address, plan.member, plan.signature or None, plan.args)
+        await bus.call(msg)
+        out.append(clock() - t0)
+    return out
+
+
+async def event_latencies(rig: Rig, count: int) -> list[float]:
+    """PropertiesChanged emitted by the emulator -> the host holds the byte."""
+    host, emu = rig.host, rig.emu
+    out = []
+    for i in range(count):
+        expected = 0x82 if i % 2 == 0 else 0x80
+        before = len(host.events)
+
+        def arrived(before: int = before, expected: int = expected) -> bool:
+            return any(e.data == expected for e in host.events[before:])
+
+        t0 = trio.current_time()
+        await emu.emit_properties({"WindowReset": ("b", expected == 0x82)})
+        with trio.fail_after(BLOCK_TIMEOUT):
+            await host.wait_until(arrived)
+        record = next(e for e in host.events[before:] if e.data == expected)
+        out.append(record.trio_time - t0)
+        await trio.sleep(0.002)  # let the delivery complete (sendMessage reply)
+    return out
+
+
+async def one_repeat(rig: Rig, args: argparse.Namespace, index: int) -> dict[str, Any]:
+    mix = command_mix(args.commands, seed=index)
+    plans = direct_plans(mix)
+    warm = command_mix(args.warmup, seed=1000 + index)
+    async with AsyncExitStack() as stack:
+        service, pid = await rig.start_bridge(stack)
+        ready = service.notified("READY=1")
+        assert ready is not None
+        ready_s = ready - service.started_at
+        rss_start = rss_kb(pid)
+        host = rig.host
+        await bridged_block(host, warm)
+        await direct_block(rig.direct, direct_plans(warm))
+        events_before = len(host.events)
+        bridged: list[float] = []
+        direct: list[float] = []
+        cpu = 0.0
+        wall = 0.0
+        self_cpu = {"bridged": 0.0, "direct": 0.0}
+        step = args.block
+        for start in range(0, len(mix), step):
+            c0, s0, w0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
+            bridged += await bridged_block(host, mix[start : start + step])
+            c1, s1, w1 = cpu_seconds(pid), time.process_time(), time.perf_counter()
+            cpu += c1 - c0
+            wall += w1 - w0
+            self_cpu["bridged"] += s1 - s0
+            s0 = time.process_time()
+            direct += await direct_block(rig.direct, plans[start : start + step])
+            self_cpu["direct"] += time.process_time() - s0
+        stray_events = len(host.events) - events_before
+        events = await event_latencies(rig, args.events)
+        await rig.settle()
+        rss_end = rss_kb(pid)
+        stop = await rig.stop_bridge(service, pid)
+    n = len(mix)
+    rt50 = percentile(bridged, 50) * 1e6
+    d50 = percentile(direct, 50) * 1e6
+    return {
+        "roundtrip_p50_us": rt50,
+        "roundtrip_p99_us": percentile(bridged, 99) * 1e6,
+        "direct_p50_us": d50,
+        "direct_p99_us": percentile(direct, 99) * 1e6,
+        "overhead_ratio_p50": rt50 / d50,
+        "commands_per_s": n / wall,
+        "bridge_cpu_us_per_command": cpu / n * 1e6,
+        "bench_cpu_us_per_command_bridged": self_cpu["bridged"] / n * 1e6,
+        "bench_cpu_us_per_command_direct": self_cpu["direct"] / n * 1e6,
+        "event_latency_p50_us": percentile(events, 50) * 1e6,
+        "event_latency_p99_us": percentile(events, 99) * 1e6,
+        "rss_start_kb": rss_start,
+        "rss_end_kb": rss_end,
+        "ready_s": ready_s,
+        **stop,
+        "commands": n,
+        "events": len(events),
+        "stray_events_during_roundtrips": stray_events,
+        "_bridged": bridged,
+        "_direct": direct,
+        "_events": events,
+    }
+
+
+async def soak(rig: Rig, commands: int) -> dict[str, Any]:
+    """RSS of one bridge after start and along ``commands`` commands."""
+    async with AsyncExitStack() as stack:
+        service, pid = await rig.start_bridge(stack)
+        series = [(0, rss_kb(pid))]
+        chunk = max(1, commands // 10)
+        done = 0
+        seed = 0
+        while done < commands:
+            n = min(chunk, commands - done)
+            await bridged_block(rig.host, command_mix(n, seed=2000 + seed))
+            seed += 1
+            done += n
+            series.append((done, rss_kb(pid)))
+        await rig.stop_bridge(service, pid)
+    return {"commands": commands, "rss_series_kb": series}
+
+
+async def profile_run(rig: Rig, commands: int, profiler: str, out: Path) -> float:
+    """Run ``commands`` through a bridge under ``profiler``; return its CPU s."""
+    async with AsyncExitStack() as stack:
+        service, pid = await rig.start_bridge(stack, profiler, out)
+        c0 = cpu_seconds(pid)
+        await bridged_block(rig.host, command_mix(commands, seed=3000))
+        cpu = cpu_seconds(pid) - c0
+        await rig.stop_bridge(service, pid)
+        if profiler == "py-spy":  # py-spy writes once its child is gone
+            with trio.fail_after(30):
+                await service.process.wait()
+    return cpu
+
+
+# -- profile summaries ------------------------------------------------------------
+
+CATEGORIES = (
+    "D-Bus encode/decode",
+    "epoll (I/O wait + trio I/O manager)",
+    "socket I/O",
+    "trio scheduling",
+    "our logic",
+    "logging",
+    "other",
+)
+
+
+def categorise(filename: str, function: str) -> str | None:
+    """The category a frame decides, or None (look at its caller)."""
+    f = filename.replace("\\", "/")
+    if "/jeepney/low_level.py" in f or "/jeepney/wrappers.py" in f:
+        return "D-Bus encode/decode"
+    if "/jeepney/bus_messages.py" in f or "/hiomapbridge/wire.py" in f:
+        return "D-Bus encode/decode"
+    if "/trio/_core/_io_epoll.py" in f:
+        return "epoll (I/O wait + trio I/O manager)"
+    if "/trio/_socket.py" in f or "/jeepney/io/" in f or "/socket.py" in f:
+        return "socket I/O"
+    if "/trio/" in f or "/outcome/" in f or "/sniffio/" in f:
+        return "trio scheduling"
+    if "/logging/" in f:
+        return "logging"
+    if "/hiomapbridge/" in f:
+        return "our logic"
+    return None
+
+
+def summarise_pyspy(raw: Path) -> dict[str, Any]:
+    """Collapsed stacks (root;...;leaf count) -> self samples by category,
+    deciding each sample by its innermost frame that names a category (a
+    codec frame anywhere on the stack wins: time under it is codec time)."""
+    totals = dict.fromkeys(CATEGORIES, 0)
+    leaves: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        if any("importlib._bootstrap" in frame for frame in frames):
+            continue  # start-up imports, not the commands
+        parsed = []
+        for frame in frames:
+            name, _, where = frame.partition(" (")
+            parsed.append((where.rsplit(":", 1)[0], name))
+        category = None
+        if any(categorise(f, n) == "D-Bus encode/decode" for f, n in parsed):
+            category = "D-Bus encode/decode"
+        else:
+            for f, n in reversed(parsed):
+                category = categorise(f, n)
+                if category is not None:
+                    break
+        totals[category or "other"] += count
+        leaf = frames[-1]
+        leaves[leaf] = leaves.get(leaf, 0) + count
+    total = sum(totals.values()) or 1
+    top = sorted(leaves.items(), key=lambda kv: -kv[1])[:25]
+    return {
+        "tool": "py-spy (sampling, 1 kHz, active samples only)",
+        "samples": total,
+        "split_percent": {k: round(100 * v / total, 1) for k, v in totals.items()},
+        "top_self": [(name, round(100 * n / total, 1)) for name, n in top],
+    }
+
+
+def summarise_cprofile(path: Path) -> dict[str, Any]:
+    import pstats
+
+    stats = pstats.Stats(str(path))
+    totals = dict.fromkeys(CATEGORIES, 0.0)
+    rows = []
+    for (filename, _line, function), (_cc, _nc, tt, _ct, _callers) in (
+        stats.stats.items()  # type: ignore[attr-defined]
+    ):
+        category = categorise(filename, function) or "other"
+        if filename == "~":  # builtins: attribute by name
+            category = "socket I/O" if function.startswith("<method 's") else "other"
+        totals[category] += tt
+        rows.append((f"{function} ({filename})", tt))
+    total = sum(totals.values()) or 1.0
+    rows.sort(key=lambda r: -r[1])
+    return {
+        "tool": "cProfile (deterministic; inflates many small calls)",
+        "seconds": total,
+        "split_percent": {k: round(100 * v / total, 1) for k, v in totals.items()},
+        "top_self": [(name, round(100 * t / total, 1)) for name, t in rows[:25]],
+    }
+
+
+def pyspy_works() -> bool:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "probe.txt"
+        try:
+            subprocess.run(
+                [
+                    exe,
+                    "record",
+                    "--rate",
+                    "500",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(out),
+                    "--",
+                    sys.executable,
+                    "-c",
+                    "import time\nt=time.time()\nwhile time.time()-t<0.3: pass",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return out.exists() and out.stat().st_size > 0
+
+
+# -- reporting --------------------------------------------------------------------
+
+
+def median_results(
+    runs: list[dict[str, Any]], soaked: dict[str, Any]
+) -> dict[str, float]:
+    series = soaked["rss_series_kb"]
+    out: dict[str, float] = {}
+    for key in RESULT_KEYS:
+        if key == "rss_start_kb":
+            value = float(series[0][1])
+        elif key == "rss_after_kb":
+            value = float(series[-1][1])
+        else:
+            value = statistics.median(float(r[key]) for r in runs)
+        out[key] = round(value, 3)
+    return out
+
+
+def markdown(
+    results: dict[str, float],
+    runs: list[dict[str, Any]],
+    soaked: dict[str, Any],
+    profile: dict[str, Any] | None,
+) -> str:
+    lines = [
+        f"Medians of {len(runs)} runs of {runs[0]['commands']} commands "
+        f"(soak: {soaked['commands']} commands).",
+        "",
+        "| metric | value | target | met |",
+        "|---|---:|---|---|",
+    ]
+    for key in RESULT_KEYS:
+        unit, target, ok = TARGETS[key]
+        value = results[key]
+        met = "" if ok is None else ("yes" if ok(value) else "**no**")
+        lines.append(f"| `{key}` | {value:,.3f} {unit} | {target} | {met} |")
+    lines += [
+        "",
+        "Per run:",
+        "",
+        "| run | " + " | ".join(RESULT_KEYS[:8]) + " |",
+        "|---|" + "---:|" * 8,
+    ]
+    for i, r in enumerate(runs):
+        cells = " | ".join(f"{r[k]:,.2f}" for k in RESULT_KEYS[:8])
+        lines.append(f"| {i} | {cells} |")
+    rss = ", ".join(f"{n}: {kb}" for n, kb in soaked["rss_series_kb"])
+    lines += ["", f"RSS (KiB) along the soak: {rss}"]
+    if profile:
+        lines += ["", f"Profile ({profile['tool']}), bridge CPU split:", ""]
+        lines += [f"- {k}: {v}%" for k, v in profile["split_percent"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, bridged: list[float], direct: list[float]) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no latency plot", file=sys.stderr)
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    hi = percentile(bridged + direct, 99.5) * 1e6
+    bins = [hi * i / 120 for i in range(121)]
+    for data, label in (
+        (direct, "direct to the emulator"),
+        (bridged, "through the bridge"),
+    ):
+        us = [v * 1e6 for v in data]
+        ax1.hist(
+            us, bins=bins, alpha=0.6, label=f"{label} (p50 {percentile(us, 50):.0f} µs)"
+        )
+        xs = sorted(us)
+        ax2.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
+    ax1.set_xlabel("round trip seen by the host (µs)")
+    ax1.set_ylabel("commands")
+    ax1.set_title("HIOMAP round trip: histogram (≤ p99.5)")
+    ax1.legend()
+    ax2.set_xscale("log")
+    ax2.set_xlabel("round trip (µs, log)")
+    ax2.set_ylabel("fraction ≤ x")
+    ax2.set_title("cumulative distribution")
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- main ----------------------------------------------------------------------------
+
+
+async def bench(args: argparse.Namespace, address: str, work: Path) -> dict[str, Any]:
+    async with AsyncExitStack() as stack:
+        emu = await stack.enter_async_context(
+            run_emulator(
+                address,
+                work / "emu",
+                flash_size=FLASH_SIZE,
+                block_size_shift=BLOCK_SHIFT,
+            )
+        )
+        host = await stack.enter_async_context(
+            run_host(address, emu.lpc_path, start=False)
+        )
+        direct = await stack.enter_async_context(open_bus(address))
+        rig = Rig(address, work, emu, host, direct)
+        runs = []
+        for i in range(args.repeat):
+            t0 = time.perf_counter()
+            runs.append(await one_repeat(rig, args, i))
+            r = runs[-1]
+            print(
+                f"run {i}: bridge p50 {r['roundtrip_p50_us']:.0f} µs, direct p50 "
+                f"{r['direct_p50_us']:.0f} µs, ratio {r['overhead_ratio_p50']:.2f}, "
+                f"bridge CPU {r['bridge_cpu_us_per_command']:.0f} µs/cmd, events p99 "
+                f"{r['event_latency_p99_us']:.0f} µs, ready {r['ready_s']:.3f} s, "
+                f"exit {r['shutdown_after_fetch_ms']:.1f} ms after fetch "
+                f"({time.perf_counter() - t0:.1f} s)",
+                flush=True,
+            )
+        t0 = time.perf_counter()
+        soaked = await soak(rig, args.soak)
+        print(
+            f"soak: RSS {soaked['rss_series_kb']} ({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
+        profile = None
+        if args.profile_commands > 0:
+            profiler = args.profiler
+            if profiler == "auto":
+                profiler = "py-spy" if pyspy_works() else "cprofile"
+            raw = args.out / (
+                "profile-pyspy.txt" if profiler == "py-spy" else "profile.cprofile"
+            )
+            cpu = await profile_run(rig, args.profile_commands, profiler, raw)
+            summary = (
+                summarise_pyspy(raw)
+                if profiler == "py-spy"
+                else summarise_cprofile(raw)
+            )
+            summary["commands"] = args.profile_commands
+            summary["cpu_us_per_command_while_profiled"] = (
+                cpu / args.profile_commands * 1e6
+            )
+            summary["raw"] = raw.name
+            profile = summary
+            print(f"profile ({profiler}): {summary['split_percent']}", flush=True)
+    return {"runs": runs, "soak": soaked, "profile": profile}
+
+
+def write_outputs(out: Path, data: dict[str, Any]) -> dict[str, float]:
+    runs, soaked, profile = data["runs"], data["soak"], data["profile"]
+    results = median_results(runs, soaked)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results, runs, soaked, profile))
+    public_runs = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]
+    (out / "runs.json").write_text(
+        json.dumps(
+            {
+                "results": results,
+                "runs": public_runs,
+                "soak": soaked,
+                "profile": profile,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    if profile is not None:
+        text = [
+            f"{profile['tool']}: {profile['commands']} commands",
+            "",
+            "split (% of the bridge's CPU):",
+        ]
+        text += [f"  {k:38} {v:5.1f}" for k, v in profile["split_percent"].items()]
+        text += ["", "top self (% of the bridge's CPU):"]
+        text += [f"  {p:5.1f}  {name}" for name, p in profile["top_self"]]
+        (out / "profile-summary.txt").write_text("\n".join(text) + "\n")
+    bridged = [v for r in runs for v in r["_bridged"]]
+    direct = [v for r in runs for v in r["_direct"]]
+    plot(out / "latency.png", bridged, direct)
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--commands", type=int, default=10_000, help="per repeat and mode")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--events", type=int, default=300, help="events per repeat")
+    p.add_argument("--soak", type=int, default=100_000, help="commands in the RSS soak")
+    p.add_argument(
+        "--profile-commands",
+        type=int,
+        default=5_000,
+        help="commands in the profiled run (0: no profile)",
+    )
+    p.add_argument("--profiler", choices=("auto", "py-spy", "cprofile"), default="auto")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=500,
+        help="bridged/direct alternate in blocks of this many",
+    )
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few seconds: 300 commands, 1 repeat, small soak",
+    )
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.commands = min(args.commands, 300)
+        args.repeat = 1
+        args.events = min(args.events, 20)
+        args.soak = min(args.soak, 500)
+        args.profile_commands = min(args.profile_commands, 300)
+        args.warmup = min(args.warmup, 50)
+        args.block = min(args.block, 100)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="hb-bench-") as tmp:
+        work = Path(tmp)
+        with private_bus(work) as bus:
+            data = trio.run(bench, args, bus.address, work)
+    results = write_outputs(args.out, data)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
