@@ -1,25 +1,31 @@
 """The daemon: one nursery composing the host side, hiomapd and shutdown.
 
-Task tree (inside ``open_bus``, so the bus outlives every task that uses it)::
+Everything on the hot path runs synchronously in the bus receiver, in wire
+order (see dbus.py): a ``ReceivedMessage`` is checked and decoded there, and
+a HIOMAP request goes straight on to hiomapd as a call whose reply (or
+deadline) is a callback that sends the response and starts the next queued
+request.  So HIOMAP requests reach hiomapd strictly one at a time, in
+arrival order, without a task switch per command.  The tasks (inside
+``open_bus``, so the bus outlives every task that uses it)::
 
     bridge nursery
-     ├ hiomap worker      HIOMAP requests, strictly one at a time, in order
      ├ messaging worker   Get/Clear Message Flags, Read Event Message Buffer,
-     │                    unknown commands: answered at once, never behind
-     │                    a HIOMAP request waiting on hiomapd
+     │                    NODE_BUSY and unknown commands: answered at once,
+     │                    never behind a HIOMAP request waiting on hiomapd
      ├ hiomapd watcher    GetAll whenever hiomapd gains an owner
      ├ SMS_ATN loop       HostQueue.run_attention
+     ├ log flusher        counts behind rate-limited log lines
      └ watchdog           WATCHDOG=1 when systemd asks for it
 
-Signals and D-Bus callbacks are synchronous and never block: they check the
-sender, decode, and hand work to a bounded channel (overflow is answered or
-counted and logged, never silently lost).  The shutdown sequence runs in the
-caller of :meth:`Bridge.serve` (see :func:`run`).
+Callbacks never block: they check the sender, decode, and answer or hand
+work to a bounded queue (overflow is answered NODE_BUSY or counted and
+logged, never silently lost).  The shutdown sequence runs in :func:`run`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +33,7 @@ import attrs
 import trio
 from jeepney import DBusAddress, HeaderFields, MatchRule, Message, new_method_call
 
-from . import systemd
+from . import systemd, wire
 from .dbus import Bus, BusClosed, DBusError, NameOwner, open_bus, sender_of
 from .events import Event, describe, fold
 from .hiomap import (
@@ -126,9 +132,10 @@ class Bridge:
         self.forged = RateLimitedLog(log, logging.WARNING)
         self.rejected_signals = RateLimitedLog(log, logging.WARNING)
         self.dropped = RateLimitedLog(log, logging.ERROR)
-        self._hiomap_tx, self._hiomap_rx = trio.open_memory_channel[HostRequest](
-            HIOMAP_BACKLOG
-        )
+        self._hiomap_backlog: deque[HostRequest] = deque()
+        self._hiomap_busy = False
+        self._hiomapd_templates: dict[tuple[str, str], wire.CallTemplate] = {}
+        self._send_templates: dict[tuple[str, str], wire.CallTemplate] = {}
         self._msg_tx, self._msg_rx = trio.open_memory_channel[
             tuple[HostRequest, int, bytes, Fetch | None]
         ](MESSAGING_BACKLOG)
@@ -137,7 +144,6 @@ class Bridge:
         self._bt_address = DBusAddress(
             HOSTIPMI_PATH, bus_name=HOSTIPMI_SERVICE, interface=HOSTIPMI_IFACE
         )
-        self._hiomapd_addresses: dict[str, DBusAddress] = {}
 
     # -- start-up ----------------------------------------------------------
 
@@ -169,7 +175,6 @@ class Bridge:
         await bus.add_match(rule)
         await self.btbridged.start(bus)
         await self.hiomapd.start(bus)
-        nursery.start_soon(self._hiomap_worker)
         nursery.start_soon(self._messaging_worker)
         nursery.start_soon(self.queue.run_attention)
         nursery.start_soon(self._hiomapd_watcher)
@@ -295,10 +300,7 @@ class Bridge:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("host request %s data=%s", req.describe(), data.hex())
         if netfn == NETFN_OEM_IBM and cmd == CMD_HIOMAP:
-            try:
-                self._hiomap_tx.send_nowait(req)
-            except trio.WouldBlock:
-                self._respond_soon(req, CompletionCode.NODE_BUSY)
+            self._hiomap_request(req)
         elif netfn == NETFN_APP and cmd == CMD_GET_MESSAGE_FLAGS:
             self._respond_soon(req, 0, bytes([self.queue.message_flags()]))
         elif netfn == NETFN_APP and cmd == CMD_CLEAR_MESSAGE_FLAGS:
@@ -324,19 +326,22 @@ class Bridge:
 
     async def _messaging_worker(self) -> None:
         async for req, cc, data, fetch in self._msg_rx:
-            await self._respond(req, cc, data, fetch)
+            self._respond(req, cc, data, fetch)
+            await trio.lowlevel.checkpoint()
 
-    async def _respond(
+    def _respond(
         self, req: HostRequest, cc: int, data: bytes, fetch: Fetch | None = None
     ) -> None:
         """Send the response with ``sendMessage``; do not wait for the reply
         (a stalled btbridged must not stall us), but learn its outcome."""
-        msg = new_method_call(
-            DBusAddress(req.path, bus_name=req.sender, interface=HOSTIPMI_IFACE),
-            "sendMessage",
-            "yyyyyay",
-            (req.seq, response_netfn(req.netfn), req.lun, req.cmd, cc, data),
-        )
+        key = (req.sender, req.path)
+        template = self._send_templates.get(key)
+        if template is None:
+            if len(self._send_templates) >= 8:  # owners come and go: stay small
+                self._send_templates.clear()
+            template = self._send_templates[key] = wire.CallTemplate(
+                req.sender, req.path, HOSTIPMI_IFACE, "sendMessage", "yyyyyay"
+            )
         if log.isEnabledFor(logging.DEBUG):
             log.debug("response %s cc=%#04x data=%s", req.describe(), cc, data.hex())
 
@@ -350,48 +355,90 @@ class Bridge:
             else:
                 log.warning("sendMessage for %s failed: %r", req.describe(), reply)
 
-        await self.bus.call_with_callback(msg, outcome, SEND_REPLY_WITHIN)
+        body = wire.pack_send_message(
+            req.seq, response_netfn(req.netfn), req.lun, req.cmd, cc, data
+        )
+        self.bus.call_template_nowait(template, body, outcome, SEND_REPLY_WITHIN)
 
-    async def _hiomap_worker(self) -> None:
-        async for req in self._hiomap_rx:
-            cc, data = await self._hiomap(req)
-            await self._respond(req, cc, data)
+    # HIOMAP requests run as a chain of callbacks in the receiver: request ->
+    # hiomapd call -> its reply (or deadline) -> sendMessage -> the next one.
+    # One is at hiomapd at a time, in arrival order; no task switch per
+    # command.
 
-    async def _hiomap(self, req: HostRequest) -> tuple[int, bytes]:
+    def _hiomap_request(self, req: HostRequest) -> None:
+        if self._hiomap_busy:
+            if len(self._hiomap_backlog) >= HIOMAP_BACKLOG:
+                self._respond_soon(req, CompletionCode.NODE_BUSY)
+            else:
+                self._hiomap_backlog.append(req)
+            return
+        self._hiomap_busy = True
+        while True:
+            if self._hiomap_start(req):
+                return  # at hiomapd: its callback continues the chain
+            if not self._hiomap_backlog:
+                break
+            req = self._hiomap_backlog.popleft()
+        self._hiomap_busy = False
+
+    def _hiomap_next(self) -> None:
+        self._hiomap_busy = False
+        if self._hiomap_backlog:
+            self._hiomap_request(self._hiomap_backlog.popleft())
+
+    def _hiomap_start(self, req: HostRequest) -> bool:
+        """Dispatch ``req``; True if it went to hiomapd, False if answered."""
         self.stats.hiomap += 1
         plan = self.dispatcher.request(req.data)
         if isinstance(plan, Rejected):
             log.info("HIOMAP %s rejected: %s", req.describe(), plan.reason)
-            return plan.cc, b""
-        return await self._call_hiomapd(plan)
-
-    async def _call_hiomapd(self, plan: HiomapCall) -> tuple[int, bytes]:
-        address = self._hiomapd_addresses.get(plan.interface)
-        if address is None:
-            address = DBusAddress(
-                HIOMAPD_PATH, bus_name=HIOMAPD_SERVICE, interface=plan.interface
+            self._respond(req, plan.cc, b"")
+            return False
+        key = (plan.interface, plan.member)
+        template = self._hiomapd_templates.get(key)
+        if template is None:
+            template = self._hiomapd_templates[key] = wire.CallTemplate(
+                HIOMAPD_SERVICE,
+                HIOMAPD_PATH,
+                plan.interface,
+                plan.member,
+                plan.signature,
             )
-            self._hiomapd_addresses[plan.interface] = address
-        msg = new_method_call(
-            address,
-            plan.member,
-            plan.signature or None,
-            plan.args,
+
+        def done(reply: Message | Exception) -> None:
+            if isinstance(reply, BusClosed):
+                return
+            cc, data = self._hiomapd_result(plan, reply)
+            try:
+                self._respond(req, cc, data)
+            finally:
+                self._hiomap_next()
+
+        self.bus.call_template_nowait(
+            template,
+            wire.pack_fixed(plan.signature, plan.args),
+            done,
+            self.config.hiomapd_timeout,
         )
-        try:
-            with trio.fail_after(self.config.hiomapd_timeout):
-                reply = await self.bus.call(msg)
-        except trio.TooSlowError:
+        return True
+
+    def _hiomapd_result(
+        self, plan: HiomapCall, reply: Message | Exception
+    ) -> tuple[int, bytes]:
+        if isinstance(reply, trio.TooSlowError):
             log.error(
                 "hiomapd %s: no reply within %ss",
                 plan.member,
                 self.config.hiomapd_timeout,
             )
             return CompletionCode.TIMEOUT, b""
-        except DBusError as exc:
-            cc = encode_error(exc.name)
-            log.info("hiomapd %s failed: %s -> cc %#04x", plan.member, exc, cc)
+        if isinstance(reply, DBusError):
+            cc = encode_error(reply.name)
+            log.info("hiomapd %s failed: %s -> cc %#04x", plan.member, reply, cc)
             return cc, b""
+        if isinstance(reply, Exception):
+            log.error("hiomapd %s failed: %r", plan.member, reply)
+            return CompletionCode.UNSPECIFIED, b""
         signature = reply.header.fields.get(HeaderFields.signature, "")
         cc, data = encode_reply(plan, signature, reply.body)
         if cc != CompletionCode.OK:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -40,6 +41,7 @@ from jeepney.bus import get_connectable_addresses
 from jeepney.bus_messages import message_bus
 from jeepney.io.trio import open_dbus_connection
 
+from . import wire
 from .ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,15 @@ log = logging.getLogger(__name__)
 DEFAULT_SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"
 BUS_CALL_TIMEOUT = 10.0  # seconds for calls to the message bus itself
 BUS_NAME = "org.freedesktop.DBus"
+#: What may wait in our process for the bus to read it; past this the bus is
+#: not reading and the connection is treated as lost.
+MAX_UNSENT = 16 * 1024 * 1024
+#: Messages dispatched back to back before the receiver lets others run.
+FAIRNESS_BATCH = 64
+#: Bytes asked of the socket per read.
+RECV_SIZE = 65536
+#: The D-Bus specification's limit on one message.
+MAX_MESSAGE = 128 * 1024 * 1024
 
 SignalHandler = Callable[[Message], None]
 MethodHandler = Callable[[Message], Awaitable[None]]
@@ -145,19 +156,86 @@ class Bus:
         #: replies from a connection the call did not go to (counted, logged)
         self.stray_replies = RateLimitedLog(log, logging.WARNING)
         self._next_expiry = math.inf
-        self._expiry_wake = trio.Event()
+        # The expiry task sleeps in this scope; moving its deadline earlier
+        # costs no task switch (a new call must not wake anybody).
+        self._expiry_scope = trio.CancelScope()
         self.unique_name: str = conn.unique_name
+        # jeepney connected, authenticated and said Hello; from here on we
+        # frame, parse and write ourselves, on a non-blocking duplicate of its
+        # socket: a send is one syscall, not a lock and a checkpoint, and the
+        # hot message shapes skip jeepney's generic codec (wire.py).
+        self._serials = conn.outgoing_serial
+        self._sock = socket.socket(fileno=os.dup(conn.socket.fileno()))
+        self._sock.setblocking(False)
+        self._unsent = bytearray()  # what the socket did not take yet
+        self._unsent_wake = trio.Event()
+        self._drained = trio.Event()
 
     # -- sending ---------------------------------------------------------
 
-    async def send(self, msg: Message) -> None:
-        """Send a message that expects no reply (a signal, a method return)."""
+    def send_raw(self, data: bytes) -> None:
+        """Write a serialised message now, or queue it behind what the
+        socket has not taken yet (the sender task flushes in order)."""
         if self._closed is not None:
             raise self._closed
-        try:
-            await self._conn.send(msg)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise self._close(f"sending failed: {exc}") from exc
+        if not self._unsent:
+            try:
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise self._close(f"sending failed: {exc}") from exc
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._unsent_wake.set()
+        if len(self._unsent) + len(data) > MAX_UNSENT:
+            raise self._close("the bus is not reading what we send")
+        self._unsent += data
+
+    def send_nowait(self, msg: Message) -> None:
+        """Send a message that expects no reply (a signal, a method return)."""
+        self.send_raw(msg.serialise(next(self._serials)))
+
+    async def send(self, msg: Message) -> None:
+        """:meth:`send_nowait`, waiting first while earlier output is queued
+        (backpressure for peers that send in bulk)."""
+        while self._unsent and self._closed is None:
+            await self._drained.wait()
+        self.send_nowait(msg)
+        await trio.lowlevel.checkpoint()
+
+    async def run_sender(self) -> None:
+        """Flush what the socket did not take at once."""
+        while True:
+            while not self._unsent:
+                self._drained.set()
+                self._drained = trio.Event()
+                self._unsent_wake = trio.Event()
+                await self._unsent_wake.wait()
+            await trio.lowlevel.wait_writable(self._sock)
+            try:
+                sent = self._sock.send(self._unsent)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise self._close(f"sending failed: {exc}") from exc
+            del self._unsent[:sent]
+
+    def _register(
+        self,
+        serial: int,
+        expect: str | None,
+        callback: ReplyCallback | None,
+        reply_within: float,
+    ) -> _PendingCall:
+        deadline = trio.current_time() + reply_within if callback else math.inf
+        pending = _PendingCall(expect, callback, deadline)
+        self._pending[serial] = pending
+        if deadline < self._next_expiry:
+            self._next_expiry = deadline
+            self._expiry_scope.deadline = deadline
+        return pending
 
     async def call(self, msg: Message) -> Message:
         """Call a method and return its method-return message.
@@ -167,12 +245,11 @@ class Bus:
         """
         if self._closed is not None:
             raise self._closed
-        serial = next(self._conn.outgoing_serial)
-        pending = _PendingCall(self._expected_sender(msg))
+        serial = next(self._serials)
+        pending = self._register(serial, self._expected_sender(msg), None, 0)
         assert pending.event is not None
-        self._pending[serial] = pending
         try:
-            await self._send_serial(msg, serial)
+            self.send_raw(msg.serialise(serial))
             await pending.event.wait()
         finally:
             self._pending.pop(serial, None)
@@ -184,41 +261,55 @@ class Bus:
             raise error_from_reply(reply)
         return reply
 
-    async def call_with_callback(
+    def call_nowait(
         self, msg: Message, callback: ReplyCallback, reply_within: float
     ) -> None:
-        """Send a method call and return at once; ``callback`` later gets the
-        method return, a :class:`DBusError`, ``trio.TooSlowError`` after
-        ``reply_within`` seconds, or :class:`BusClosed`.  It runs synchronously in
-        the receiver, in wire order with signals, and must not block."""
+        """Send a method call; ``callback`` later gets the method return, a
+        :class:`DBusError`, ``trio.TooSlowError`` after ``reply_within``
+        seconds, or :class:`BusClosed`.  It runs synchronously in the
+        receiver, in wire order with signals, and must not block."""
         if self._closed is not None:
             raise self._closed
-        serial = next(self._conn.outgoing_serial)
-        deadline = trio.current_time() + reply_within
-        self._pending[serial] = _PendingCall(
-            self._expected_sender(msg), callback, deadline
-        )
-        if deadline < self._next_expiry:
-            self._next_expiry = deadline
-            self._expiry_wake.set()
+        serial = next(self._serials)
+        self._register(serial, self._expected_sender(msg), callback, reply_within)
+        self._send_call(serial, msg.serialise(serial))
+
+    def call_template_nowait(
+        self,
+        template: wire.CallTemplate,
+        body: bytes,
+        callback: ReplyCallback,
+        reply_within: float,
+    ) -> None:
+        """:meth:`call_nowait` for a call of a fixed shape (``body``: its
+        encoded arguments): no generic serialisation on the hot path."""
+        if self._closed is not None:
+            raise self._closed
+        serial = next(self._serials)
+        expect = self._expected_for(template.destination)
+        self._register(serial, expect, callback, reply_within)
+        self._send_call(serial, template.build(serial, body))
+
+    def _send_call(self, serial: int, data: bytes) -> None:
         try:
-            await self._send_serial(msg, serial)
+            self.send_raw(data)
         except BaseException:
             self._pending.pop(serial, None)
             raise
 
-    async def _send_serial(self, msg: Message, serial: int) -> None:
-        try:
-            await self._conn.send(msg, serial=serial)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise self._close(f"sending failed: {exc}") from exc
+    async def call_with_callback(
+        self, msg: Message, callback: ReplyCallback, reply_within: float
+    ) -> None:
+        """:meth:`call_nowait` as a checkpoint."""
+        self.call_nowait(msg, callback, reply_within)
+        await trio.lowlevel.checkpoint()
 
     async def run_expiry(self) -> None:
         """Fail callback calls whose reply did not come in time."""
         while True:
-            self._expiry_wake = trio.Event()
-            with trio.move_on_at(self._next_expiry):
-                await self._expiry_wake.wait()
+            with trio.CancelScope(deadline=self._next_expiry) as scope:
+                self._expiry_scope = scope
+                await trio.sleep_forever()
             now = trio.current_time()
             self._next_expiry = math.inf
             for serial, pending in list(self._pending.items()):
@@ -235,7 +326,9 @@ class Bus:
         tracked owner of its well-known one ("" while it has none, so that
         only the bus's own errors count).  None: not checked (a well-known
         name nobody tracks)."""
-        dest: str | None = msg.header.fields.get(HeaderFields.destination)
+        return self._expected_for(msg.header.fields.get(HeaderFields.destination))
+
+    def _expected_for(self, dest: str | None) -> str | None:
         if dest is None or dest.startswith(":") or dest == BUS_NAME:
             return dest
         tracker = self._owners.get(dest)
@@ -302,9 +395,15 @@ class Bus:
     def unexport(self, path: str) -> None:
         self._exports.pop(path, None)
 
+    def close_socket(self) -> None:
+        """Close our duplicate of the connection's socket."""
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+
     def _close(self, why: str) -> BusClosed:
         if self._closed is None:
             self._closed = BusClosed(why)
+            self._drained.set()
             pendings, self._pending = self._pending, {}
             for pending in pendings.values():
                 if pending.callback is not None:
@@ -316,12 +415,45 @@ class Bus:
         return self._closed
 
     async def run_receiver(self) -> None:
+        """Read, frame and dispatch every message, in wire order."""
+        parser = self._conn.parser  # what jeepney read past the Hello reply
+        while (first := parser.get_next_message()) is not None:
+            self._dispatch(first)
+        pipe = parser.buf
+        buf = bytearray(pipe.read(pipe.bytes_buffered) if pipe.bytes_buffered else b"")
+        sock = self._sock
+        since_yield = 0
+        drained = False  # the last read was short: the socket is likely empty
         try:
             while True:
-                msg = await self._conn.receive()
-                self._dispatch(msg)
-        except (trio.EndOfChannel, trio.BrokenResourceError, OSError) as exc:
-            raise self._close(f"connection to the bus lost: {exc or 'EOF'}") from exc
+                while len(buf) >= 16:
+                    size = wire.message_size(buf)
+                    if size > MAX_MESSAGE:
+                        raise ValueError(f"message of {size} bytes")
+                    if len(buf) < size:
+                        break
+                    frame = bytes(buf[:size])
+                    del buf[:size]
+                    msg = wire.decode(frame) or Message.from_buffer(frame)
+                    self._dispatch(msg)
+                    since_yield += 1
+                    if since_yield >= FAIRNESS_BATCH:  # a flood must not
+                        since_yield = 0  # starve the other tasks
+                        await trio.lowlevel.checkpoint()
+                if drained:  # skip the read that would only say EAGAIN
+                    since_yield = 0
+                    await trio.lowlevel.wait_readable(sock)
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except BlockingIOError:
+                    drained = True
+                    continue
+                if not data:
+                    raise EOFError("closed by the bus")
+                drained = len(data) < RECV_SIZE
+                buf += data
+        except (EOFError, OSError, ValueError) as exc:
+            raise self._close(f"connection to the bus lost: {exc}") from exc
 
     def _dispatch(self, msg: Message) -> None:
         mtype = msg.header.message_type
@@ -427,16 +559,20 @@ async def open_bus(address: str) -> AsyncIterator[Bus]:
         conn = await open_dbus_connection(address)
     except (OSError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
         raise BusClosed(f"cannot connect to the bus at {address}: {exc}") from exc
+    bus: Bus | None = None
     try:
         async with trio.open_nursery() as nursery:
             bus = Bus(conn, nursery)
             nursery.start_soon(bus.run_receiver)
+            nursery.start_soon(bus.run_sender)
             nursery.start_soon(bus.run_expiry)
             try:
                 yield bus
             finally:
                 nursery.cancel_scope.cancel()
     finally:
+        if bus is not None:
+            bus.close_socket()
         await conn.aclose()
 
 

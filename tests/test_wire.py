@@ -1,0 +1,193 @@
+"""hiomapbridge.wire against jeepney's own serialiser and parser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+from jeepney import (
+    DBusAddress,
+    HeaderFields,
+    Message,
+    new_error,
+    new_method_call,
+    new_method_return,
+    new_signal,
+)
+from jeepney.low_level import Parser
+
+from hiomapbridge import wire
+
+names = st.from_regex(r"\A[a-z][a-z0-9_]{0,8}(\.[a-z][a-z0-9_]{0,8}){1,3}\Z")
+uniques = st.integers(1, 10_000).map(lambda n: f":1.{n}")
+paths = st.from_regex(r"\A(/[A-Za-z0-9_]{1,8}){1,4}\Z")
+members = st.from_regex(r"\A[A-Za-z][A-Za-z0-9_]{0,15}\Z")
+serials = st.integers(1, 2**32 - 1)
+y = st.integers(0, 0xFF)
+q = st.integers(0, 0xFFFF)
+text = st.text(max_size=40)
+
+BODIES: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
+    "": st.just(()),
+    "yyyyay": st.tuples(y, y, y, y, st.binary(max_size=64)),
+    "yyyyyay": st.tuples(y, y, y, y, y, st.binary(max_size=64)),
+    "y": st.tuples(y),
+    "qq": st.tuples(q, q),
+    "qqq": st.tuples(q, q, q),
+    "yyq": st.tuples(y, y, q),
+    "x": st.tuples(st.integers(-(2**63), 2**63 - 1)),
+    "u": st.tuples(st.integers(0, 2**32 - 1)),
+    "s": st.tuples(text),
+    "sss": st.tuples(text, text, text),
+    "a{sv}": st.tuples(st.dictionaries(text, st.tuples(st.just("b"), st.booleans()))),
+    "sa{sv}as": st.tuples(
+        text,
+        st.dictionaries(text, st.tuples(st.just("b"), st.booleans()), max_size=4),
+        st.lists(text, max_size=3),
+    ),
+}
+bodies = st.sampled_from(sorted(BODIES)).flatmap(
+    lambda sig: st.tuples(st.just(sig), BODIES[sig])
+)
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> Message:
+    signature, body = draw(bodies)
+    sig = signature or None
+    kind = draw(st.sampled_from(["call", "return", "error", "signal"]))
+    if kind == "signal":
+        msg = new_signal(
+            DBusAddress(draw(paths), interface=draw(names)), draw(members), sig, body
+        )
+    else:
+        address = DBusAddress(
+            draw(paths),
+            bus_name=draw(st.one_of(names, uniques)),
+            interface=draw(st.one_of(st.none(), names)),
+        )
+        msg = new_method_call(address, draw(members), sig, body)
+        if kind != "call":
+            msg.header.serial = draw(serials)
+            msg.header.fields[HeaderFields.sender] = draw(uniques)
+            if kind == "return":
+                msg = new_method_return(msg, sig, body)
+            else:
+                msg = new_error(msg, draw(names), sig, body)
+    if draw(st.booleans()):
+        msg.header.fields[HeaderFields.sender] = draw(uniques)
+    if draw(st.booleans()):
+        msg.header.fields[HeaderFields.destination] = draw(uniques)
+    msg.header.flags = draw(st.sampled_from([0, 1, 2, 3, 4]))
+    return msg
+
+
+def jeepney_parse(data: bytes) -> Message:
+    parser = Parser()
+    parser.add_data(data)
+    msg = parser.get_next_message()
+    assert msg is not None
+    return msg
+
+
+def same(a: Message, b: Message) -> None:
+    assert a.header.endianness == b.header.endianness
+    assert a.header.message_type is b.header.message_type
+    assert a.header.flags == b.header.flags
+    assert type(a.header.flags) is type(b.header.flags)
+    assert a.header.protocol_version == b.header.protocol_version
+    assert a.header.body_length == b.header.body_length
+    assert a.header.serial == b.header.serial
+    assert a.header.fields == b.header.fields
+    assert [type(k) for k in a.header.fields] == [type(k) for k in b.header.fields]
+    assert a.body == b.body
+    assert [type(v) for v in a.body] == [type(v) for v in b.body]
+
+
+@given(messages(), serials)
+def test_decode_matches_jeepney(msg: Message, serial: int) -> None:
+    data = msg.serialise(serial)
+    assert wire.message_size(data) == len(data)
+    ours = wire.decode(data)
+    assert ours is not None
+    same(ours, jeepney_parse(data))
+
+
+def test_decode_leaves_big_endian_to_jeepney() -> None:
+    msg = new_signal(DBusAddress("/a", interface="a.b"), "M", "y", (1,))
+    from jeepney import Endianness
+
+    msg.header.endianness = Endianness.big
+    data = msg.serialise(5)
+    assert wire.message_size(data) == len(data)
+    assert wire.decode(data) is None
+
+
+@given(
+    st.one_of(names, uniques),
+    paths,
+    st.one_of(st.none(), names),
+    members,
+    bodies,
+    serials,
+)
+def test_call_template_matches_jeepney(
+    destination: str,
+    path: str,
+    interface: str | None,
+    member: str,
+    sig_body: tuple[str, tuple[Any, ...]],
+    serial: int,
+) -> None:
+    signature, body = sig_body
+    expected = new_method_call(
+        DBusAddress(path, bus_name=destination, interface=interface),
+        member,
+        signature or None,
+        body,
+    ).serialise(serial)
+    template = wire.CallTemplate(destination, path, interface, member, signature)
+    body_bytes = expected[len(expected) - jeepney_parse(expected).header.body_length :]
+    assert template.build(serial, body_bytes) == expected
+
+
+@given(
+    st.sampled_from(["", "y", "qq", "qqq", "yyq"]).flatmap(
+        lambda s: st.tuples(st.just(s), BODIES[s])
+    ),
+    serials,
+)
+def test_pack_fixed_matches_jeepney(
+    sig_body: tuple[str, tuple[int, ...]], serial: int
+) -> None:
+    signature, body = sig_body
+    template = wire.CallTemplate(":1.1", "/p", "a.b", "M", signature)
+    expected = new_method_call(
+        DBusAddress("/p", bus_name=":1.1", interface="a.b"),
+        "M",
+        signature or None,
+        body,
+    ).serialise(serial)
+    assert template.build(serial, wire.pack_fixed(signature, body)) == expected
+
+
+@given(y, y, y, y, y, st.binary(max_size=64), serials)
+def test_pack_send_message_matches_jeepney(
+    seq: int, netfn: int, lun: int, cmd: int, cc: int, data: bytes, serial: int
+) -> None:
+    args = (seq, netfn, lun, cmd, cc, data)
+    address = DBusAddress(
+        "/org/openbmc/HostIpmi/1", bus_name=":1.7", interface="org.openbmc.HostIpmi"
+    )
+    expected = new_method_call(address, "sendMessage", "yyyyyay", args).serialise(
+        serial
+    )
+    template = wire.CallTemplate(
+        ":1.7",
+        "/org/openbmc/HostIpmi/1",
+        "org.openbmc.HostIpmi",
+        "sendMessage",
+        "yyyyyay",
+    )
+    assert template.build(serial, wire.pack_send_message(*args)) == expected
