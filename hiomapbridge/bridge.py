@@ -1,25 +1,25 @@
 """The daemon: one nursery composing the host side, hiomapd and shutdown.
 
 Everything on the hot path runs synchronously in the bus receiver, in wire
-order (see dbus.py): a ``ReceivedMessage`` is checked and decoded there, and
-a HIOMAP request goes straight on to hiomapd as a call whose reply (or
-deadline) is a callback that sends the response and starts the next queued
-request.  So HIOMAP requests reach hiomapd strictly one at a time, in
+order (see dbus.py): a ``ReceivedMessage`` is checked and decoded there;
+messaging commands (Get/Clear Message Flags, Read Event Message Buffer) and
+unknown commands are answered on the spot, so never behind a HIOMAP request
+waiting on hiomapd; a HIOMAP request goes straight on to hiomapd as a call
+whose reply (or deadline) is a callback that sends the response and starts
+the next queued request.  So HIOMAP requests reach hiomapd strictly one at a time, in
 arrival order, without a task switch per command.  The tasks (inside
 ``open_bus``, so the bus outlives every task that uses it)::
 
     bridge nursery
-     ├ messaging worker   Get/Clear Message Flags, Read Event Message Buffer,
-     │                    NODE_BUSY and unknown commands: answered at once,
-     │                    never behind a HIOMAP request waiting on hiomapd
      ├ hiomapd watcher    GetAll whenever hiomapd gains an owner
      ├ SMS_ATN loop       HostQueue.run_attention
      ├ log flusher        counts behind rate-limited log lines
      └ watchdog           WATCHDOG=1 when systemd asks for it
 
-Callbacks never block: they check the sender, decode, and answer or hand
-work to a bounded queue (overflow is answered NODE_BUSY or counted and
-logged, never silently lost).  The shutdown sequence runs in :func:`run`.
+Callbacks never block: responses are written with one non-blocking send
+(queued in dbus.py only while the socket is full), and the HIOMAP queue is
+bounded (overflow is answered NODE_BUSY, counted and logged).  The shutdown
+sequence runs in :func:`run`.
 """
 
 from __future__ import annotations
@@ -69,12 +69,10 @@ PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 PROTOCOL_RESET = int(Event.PROTOCOL_RESET)
 DAEMON_READY = int(Event.DAEMON_READY)
 
-#: Requests waiting for the HIOMAP worker.  The host has one request in
-#: flight; anything deeper is a misbehaving peer, answered NODE_BUSY.
+#: HIOMAP requests waiting behind the one at hiomapd.  The host has one
+#: request in flight; anything deeper is a misbehaving peer, answered
+#: NODE_BUSY at once.
 HIOMAP_BACKLOG = 64
-#: Responses waiting for the messaging worker; past this, requests are
-#: dropped (counted, logged): btbridged answers the host 0xCE after 5 s.
-MESSAGING_BACKLOG = 256
 #: How long btbridged may take to accept a response (it gives up on the
 #: host after 5 s itself).
 SEND_REPLY_WITHIN = 5.0
@@ -131,14 +129,11 @@ class Bridge:
         self.stats = Stats()
         self.forged = RateLimitedLog(log, logging.WARNING)
         self.rejected_signals = RateLimitedLog(log, logging.WARNING)
-        self.dropped = RateLimitedLog(log, logging.ERROR)
+        self.overflow = RateLimitedLog(log, logging.WARNING)
         self._hiomap_backlog: deque[HostRequest] = deque()
         self._hiomap_busy = False
         self._hiomapd_templates: dict[tuple[str, str], wire.CallTemplate] = {}
         self._send_templates: dict[tuple[str, str], wire.CallTemplate] = {}
-        self._msg_tx, self._msg_rx = trio.open_memory_channel[
-            tuple[HostRequest, int, bytes, Fetch | None]
-        ](MESSAGING_BACKLOG)
         self._refresh_wanted = trio.Event()
         self._state_read = trio.Event()
         self._bt_address = DBusAddress(
@@ -175,7 +170,6 @@ class Bridge:
         await bus.add_match(rule)
         await self.btbridged.start(bus)
         await self.hiomapd.start(bus)
-        nursery.start_soon(self._messaging_worker)
         nursery.start_soon(self.queue.run_attention)
         nursery.start_soon(self._hiomapd_watcher)
         nursery.start_soon(self._flush_logs)
@@ -302,35 +296,19 @@ class Bridge:
         if netfn == NETFN_OEM_IBM and cmd == CMD_HIOMAP:
             self._hiomap_request(req)
         elif netfn == NETFN_APP and cmd == CMD_GET_MESSAGE_FLAGS:
-            self._respond_soon(req, 0, bytes([self.queue.message_flags()]))
+            self._respond(req, 0, bytes([self.queue.message_flags()]))
         elif netfn == NETFN_APP and cmd == CMD_CLEAR_MESSAGE_FLAGS:
-            self._respond_soon(req, 0)
+            self._respond(req, 0)
         elif netfn == NETFN_APP and cmd == CMD_READ_EVENT_MESSAGE_BUFFER:
             fetch = self.queue.fetch()
-            self._respond_soon(req, 0, fetch.record, fetch)
+            self._respond(req, 0, fetch.record, fetch)
         elif self.config.reject_unknown:
-            self._respond_soon(req, CompletionCode.INVALID_COMMAND)
+            self._respond(req, CompletionCode.INVALID_COMMAND)
         else:
             log.debug("not answering %s (--no-reject-unknown)", req.describe())
 
-    def _respond_soon(
-        self, req: HostRequest, cc: int, data: bytes = b"", fetch: Fetch | None = None
-    ) -> None:
-        try:
-            self._msg_tx.send_nowait((req, cc, data, fetch))
-        except trio.WouldBlock:
-            self.dropped(
-                "response backlog full: dropped %s (btbridged answers the host 0xCE)",
-                req.describe(),
-            )
-
-    async def _messaging_worker(self) -> None:
-        async for req, cc, data, fetch in self._msg_rx:
-            self._respond(req, cc, data, fetch)
-            await trio.lowlevel.checkpoint()
-
     def _respond(
-        self, req: HostRequest, cc: int, data: bytes, fetch: Fetch | None = None
+        self, req: HostRequest, cc: int, data: bytes = b"", fetch: Fetch | None = None
     ) -> None:
         """Send the response with ``sendMessage``; do not wait for the reply
         (a stalled btbridged must not stall us), but learn its outcome."""
@@ -368,7 +346,13 @@ class Bridge:
     def _hiomap_request(self, req: HostRequest) -> None:
         if self._hiomap_busy:
             if len(self._hiomap_backlog) >= HIOMAP_BACKLOG:
-                self._respond_soon(req, CompletionCode.NODE_BUSY)
+                self.overflow(
+                    "HIOMAP backlog full (%d waiting for hiomapd): answered %s "
+                    "NODE_BUSY",
+                    HIOMAP_BACKLOG,
+                    req.describe(),
+                )
+                self._respond(req, CompletionCode.NODE_BUSY)
             else:
                 self._hiomap_backlog.append(req)
             return
@@ -455,7 +439,7 @@ class Bridge:
         return [
             (self.forged, "signals from impostors ignored"),
             (self.rejected_signals, "malformed signals or properties ignored"),
-            (self.dropped, "host requests dropped (backlog full)"),
+            (self.overflow, "HIOMAP requests answered NODE_BUSY (backlog full)"),
             (self.bus.stray_replies, "replies from connections we did not call"),
         ]
 

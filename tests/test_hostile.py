@@ -417,60 +417,39 @@ async def flood_peer(address: str) -> AsyncIterator[FloodPeer]:
         yield peer
 
 
-class GatedBridge(bridge_mod.Bridge):
-    """The bridge with its messaging worker held until ``gate`` is set: the
-    way to fill the response backlog deterministically in-process."""
-
-    gate: trio.Event
-
-    async def _messaging_worker(self) -> None:
-        await type(self).gate.wait()
-        await super()._messaging_worker()
-
-
-async def test_backlog_overflow_is_answered_or_counted_and_logged(
+async def test_hiomap_backlog_overflow_is_answered_counted_and_logged(
     bus_address: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Our dispatch has no filter buffer that can overflow silently: each
-    ReceivedMessage is handled synchronously in wire order.  The bounded
-    channels behind it either answer (HIOMAP backlog full: NODE_BUSY) or drop
-    with a count and a log line (response backlog full).  Every request is
-    accounted for: answered + counted drops == sent."""
-    GatedBridge.gate = trio.Event()
-    backlog = bridge_mod.MESSAGING_BACKLOG
-    extra_flags = 10
-    hiomap_total = bridge_mod.HIOMAP_BACKLOG + 1 + 20  # 1 at hiomapd, 64 queued
+    """Our dispatch has no buffer that can overflow silently: each
+    ReceivedMessage is handled synchronously in wire order.  With hiomapd
+    hung, one HIOMAP request waits at hiomapd and HIOMAP_BACKLOG behind it;
+    the rest are answered NODE_BUSY at once, counted and logged, while
+    messaging commands are still answered.  Every request is accounted for."""
+    overflow = 20
+    hiomap_total = bridge_mod.HIOMAP_BACKLOG + 1 + overflow
+    flags = 30
     async with (
         scripted_hiomapd(bus_address) as hiomapd,
         flood_peer(bus_address) as peer,
-        run_bridge(
-            bus_address, bridge_class=GatedBridge, hiomapd_timeout=30
-        ) as running,
+        run_bridge(bus_address, hiomapd_timeout=30) as running,
     ):
         hiomapd.replies["GetInfo"] = HANG
         b = running.bridge
         for i in range(hiomap_total):
             await peer.send(received_message(i & 0xFF, *HIOMAP, b"\x02\x00\x02"))
-        # 20 overflowed the HIOMAP backlog: their NODE_BUSY answers now sit in
-        # the response backlog (gated).  Fill it to the brim and beyond.
-        room = backlog - 20
-        for i in range(room + extra_flags):
+        for i in range(flags):
             await peer.send(received_message(i & 0xFF, *GET_FLAGS))
-        await settle(running, bus_address)
-        assert b.stats.requests == hiomap_total + room + extra_flags  # none lost
-        assert b.dropped.count == extra_flags
-        assert "response backlog full: dropped" in caplog.text
-        GatedBridge.gate.set()
         with trio.fail_after(10):
-            await peer.wait_until(lambda: len(peer.responses) == backlog)
+            await peer.wait_until(lambda: len(peer.responses) == overflow + flags)
         await settle(running, bus_address)
         await trio.testing.wait_all_tasks_blocked()
+        assert b.stats.requests == hiomap_total + flags  # none lost
         ccs = [r[4] for r in peer.responses]
-        assert ccs.count(0xC0) == 20  # HIOMAP backlog full: NODE_BUSY, answered
-        assert ccs.count(0x00) == room
-        assert len(peer.responses) + b.dropped.count == b.stats.requests - (
-            bridge_mod.HIOMAP_BACKLOG + 1
-        )  # the rest wait for hiomapd (hung; 0xC3 at the deadline)
+        assert ccs.count(0xC0) == overflow  # HIOMAP backlog full: NODE_BUSY
+        assert ccs.count(0x00) == flags
+        assert b.overflow.count == overflow
+        assert "HIOMAP backlog full" in caplog.text
+        assert len(hiomapd.calls) == 1  # the rest wait their turn
 
 
 # -- a flood against the real executable -------------------------------------------
@@ -585,7 +564,7 @@ async def test_flood_against_the_real_daemon(
 ) -> None:
     """10,000 ReceivedMessage and 10,000 PropertiesChanged in one burst at the
     bridge as a real subprocess: every request is answered (cc 0, or 0xC0 past
-    the HIOMAP backlog) or dropped past the response backlog with a log line;
+    the HIOMAP backlog);
     RSS grows less than 16 MiB; the newest event reaches the host in one
     fetch; the daemon keeps serving and exits cleanly."""
     result = await _flood(bus_address, tmp_path)
@@ -600,33 +579,30 @@ async def test_flood_against_the_real_daemon(
         f"(+{growth / 2**20:.2f} MiB)"
     )
     assert growth < RSS_GROWTH_LIMIT
-    assert result.ok + result.busy == result.answered
-    dropped = result.sent - result.answered
-    if dropped:
-        assert "response backlog full: dropped" in result.log
+    assert result.ok + result.busy == result.answered == result.sent
     assert "Traceback" not in result.log
 
 
-async def test_every_drop_in_a_burst_reaches_the_log(
+async def test_every_overflow_in_a_burst_reaches_the_log(
     bus_address: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """After a burst of drops, the total reaches the log (rate-limited lines
-    are flushed with their count), at the latest on shutdown."""
-    GatedBridge.gate = trio.Event()
+    """After a burst of overflows, the total reaches the log (rate-limited
+    lines are flushed with their count), at the latest on shutdown."""
     caplog.set_level(logging.INFO)
     extra = 37
     async with (
+        scripted_hiomapd(bus_address) as hiomapd,
         flood_peer(bus_address) as peer,
-        run_bridge(bus_address, bridge_class=GatedBridge) as running,
+        run_bridge(bus_address, hiomapd_timeout=30) as running,
     ):
-        for i in range(bridge_mod.MESSAGING_BACKLOG + extra):
-            await peer.send(received_message(i & 0xFF, *GET_FLAGS))
+        hiomapd.replies["GetInfo"] = HANG
+        for i in range(bridge_mod.HIOMAP_BACKLOG + 1 + extra):
+            await peer.send(received_message(i & 0xFF, *HIOMAP, b"\x02\x00\x02"))
         await settle(running, bus_address)
-        assert running.bridge.dropped.count == extra
-        GatedBridge.gate.set()
+        assert running.bridge.overflow.count == extra
         running.signal()
         with trio.fail_after(10):
             await running.wait()
-    assert re.search(rf"\b{extra}\b.*drop|drop.*\b{extra}\b", caplog.text), (
-        "the total number of dropped requests is never logged"
+    assert re.search(rf"\b{extra}\b.*NODE_BUSY", caplog.text), (
+        "the total number of requests answered NODE_BUSY is never logged"
     )

@@ -317,7 +317,7 @@ def test_request_path_matches_model(bus_address: str) -> None:
 
         check()
         bridge = stack.running.bridge
-        assert bridge.dropped.count == 0
+        assert bridge.overflow.count == 0
         assert bridge.forged.count == 0
 
 

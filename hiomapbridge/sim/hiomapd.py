@@ -674,12 +674,14 @@ async def run_emulator(
         emu._crash_scope = scope
 
         async def connection(task_status: trio.TaskStatus[None]) -> None:
+            # serve() runs inside the crash scope, so that a crash cancels it
+            # together with its connection (never a send on a closed bus).
             try:
                 with scope:
                     async with open_bus(bus_address) as bus:
-                        await nursery.start(emu.serve, bus)
-                        task_status.started()
-                        await emu._stopped.wait()
+                        async with trio.open_nursery() as inner:
+                            await inner.start(emu.serve, bus)
+                            task_status.started()
             finally:
                 emu._stopped.set()
 
