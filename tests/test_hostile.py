@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,7 +27,7 @@ from hiomapbridge.bridge import HOSTIPMI_IFACE, HOSTIPMI_PATH, HOSTIPMI_SERVICE
 from hiomapbridge.dbus import Bus, open_bus
 from hiomapbridge.hiomap import HIOMAPD_PATH, IFACE_V2, Command, pack_request
 from hiomapbridge.ipmi import event_record
-from hiomapbridge.sim.privatebus import dbus_daemon_path
+from hiomapbridge.sim.privatebus import SYSTEM_REPLY_POLICY, private_bus
 from hiomapbridge.sim.process import python_command, run_service
 
 from .bridgeutil import RunningBridge, connect, run_bridge, run_btbridged
@@ -152,57 +151,12 @@ async def test_bus_stamps_the_sender_a_forged_sender_field_is_overwritten(
         assert not [t for t in bt.transactions if t.seq in (9, 10)]
 
 
-SYSTEM_LIKE_CONFIG = """<!DOCTYPE busconfig PUBLIC
- "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <!-- system.conf's reply rules: only replies the bus saw requested -->
-    <allow own="*"/>
-    <allow send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-  </policy>
-</busconfig>
-"""
-
-
 @pytest.fixture
 def system_like_bus(tmp_path: Path) -> Iterator[str]:
     """A dbus-daemon with system.conf's rule for replies (unrequested
     method returns and errors are denied)."""
-    socket = tmp_path / "sysbus"
-    config = tmp_path / "sysbus.conf"
-    config.write_text(SYSTEM_LIKE_CONFIG.format(socket=socket))
-    proc = subprocess.Popen(
-        [
-            dbus_daemon_path(),
-            "--nofork",
-            "--nopidfile",
-            "--print-address=1",
-            f"--config-file={config}",
-        ],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        assert proc.stdout is not None
-        address = proc.stdout.readline().decode().strip()
-        assert address, "dbus-daemon did not start"
-        yield address
-    finally:
-        proc.terminate()
-        proc.wait(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with private_bus(tmp_path, SYSTEM_REPLY_POLICY, kind="system") as bus:
+        yield bus.address
 
 
 @attrs.define

@@ -15,17 +15,33 @@ _CONFIG = """<!DOCTYPE busconfig PUBLIC
  "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
-  <type>session</type>
+  <type>{kind}</type>
   <listen>unix:path={socket}</listen>
   <auth>EXTERNAL</auth>
   <limit name="max_replies_per_connection">50000</limit>
   <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
+{policy}
   </policy>
 </busconfig>
 """
+
+#: Anything goes (a session bus, and then some): the default for tests.
+PERMISSIVE_POLICY = """\
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>"""
+
+#: system.conf's rule for replies: only those the bus saw requested.
+SYSTEM_REPLY_POLICY = """\
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>"""
 
 
 @attrs.frozen
@@ -50,14 +66,19 @@ def dbus_daemon_path() -> str:
 
 
 @contextlib.contextmanager
-def private_bus(directory: Path | None = None) -> Iterator[PrivateBus]:
-    """Run a dbus-daemon on a private socket for the duration of the block."""
+def private_bus(
+    directory: Path | None = None,
+    policy: str = PERMISSIVE_POLICY,
+    kind: str = "session",
+) -> Iterator[PrivateBus]:
+    """Run a dbus-daemon on a private socket for the duration of the block,
+    with the given ``<policy context="default">`` rules."""
     with contextlib.ExitStack() as stack:
         if directory is None:
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         socket = directory / "bus"
         config = directory / "bus.conf"
-        config.write_text(_CONFIG.format(socket=socket))
+        config.write_text(_CONFIG.format(socket=socket, policy=policy, kind=kind))
         proc = subprocess.Popen(
             [
                 dbus_daemon_path(),
