@@ -133,7 +133,8 @@ def main() -> int:
         results.append(result)
         print(
             f"{name}: {result['engine']}, {result['executed']} executed in "
-            f"{result['seconds']} s, {result['exec_per_second']} exec/s"
+            f"{result['seconds']} s wall (start-up included), "
+            f"{result['exec_per_second']} exec/s while fuzzing"
             f"{'' if result['ok'] else ' FAILED'}",
             flush=True,
         )
