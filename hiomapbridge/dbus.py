@@ -1,17 +1,23 @@
-"""A thin D-Bus layer on jeepney, with dispatch we control.
+"""A thin D-Bus layer on jeepney, with I/O and dispatch we control.
 
-jeepney owns the connection: the socket, authentication, ``Hello`` and
-(de)serialisation.  Dispatch of what arrives is ours, because jeepney's
-``DBusRouter`` drops a message silently when a filter's buffer is full and
-never answers a method call nobody filters for.  Here:
+jeepney owns the connection set-up: the socket, authentication and
+``Hello``.  Framing, reading, writing and dispatch are ours: jeepney's
+``DBusRouter`` drops a message silently when a filter's buffer is full,
+never answers a method call nobody filters for, and costs a lock and a
+checkpoint per message.  Here:
 
-* one receiver task reads every message in wire order;
-* a method reply wakes the task that made that call (matched by serial);
+* one receiver task reads and frames every message in wire order, decoding
+  the hot shapes with :mod:`hiomapbridge.wire` and the rest with jeepney;
+* a write is one non-blocking ``send``; what the socket does not take waits
+  in order (bounded) for the sender task;
+* a method reply wakes the task that made that call, or runs its callback
+  in the receiver (matched by serial, accepted only from the connection the
+  call went to);
 * a signal is handed to the synchronous handlers registered for its
   (path, interface, member); handlers must not block, so nothing can stall
   the receiver and nothing is buffered behind our back;
-* a method call goes to the handler exported at its path, run as its own
-  task; calls to unexported paths are answered with an error, never dropped;
+* a method call goes to the handler exported at its path; calls to
+  unexported paths are answered with an error, never dropped;
 * when the bus goes away, every waiting caller gets :class:`BusClosed` and
   the receiver raises it, so the process can exit and be restarted.
 """
