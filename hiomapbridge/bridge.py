@@ -226,7 +226,7 @@ class Bridge:
             # The reply is handled in the receiver, in wire order with
             # PropertiesChanged, so a newer signal is never overwritten by an
             # older snapshot.
-            await self.bus.call_with_callback(msg, got, self.config.hiomapd_timeout)
+            self.bus.call_nowait(msg, got, self.config.hiomapd_timeout)
             await done.wait()
 
     def _properties(self, msg: Message) -> None:

@@ -303,13 +303,6 @@ class Bus:
             self._pending.pop(serial, None)
             raise
 
-    async def call_with_callback(
-        self, msg: Message, callback: ReplyCallback, reply_within: float
-    ) -> None:
-        """:meth:`call_nowait` as a checkpoint."""
-        self.call_nowait(msg, callback, reply_within)
-        await trio.lowlevel.checkpoint()
-
     async def run_expiry(self) -> None:
         """Fail callback calls whose reply did not come in time."""
         while True:
