@@ -9,6 +9,7 @@ into the IPMI response. Wire reference sections 4 to 6 are the spec.
 from __future__ import annotations
 
 import errno
+import functools
 import struct
 from collections.abc import Mapping
 from enum import IntEnum
@@ -70,6 +71,7 @@ _STRUCT: Final[Mapping[str, str]] = {"y": "B", "q": "H"}
 _LIMIT: Final[Mapping[str, int]] = {"y": 0xFF, "q": 0xFFFF}
 
 
+@functools.cache
 def _layout(signature: str) -> struct.Struct:
     return struct.Struct("<" + "".join(_STRUCT[c] for c in signature))
 

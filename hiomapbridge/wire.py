@@ -22,6 +22,7 @@ tests/test_wire.py checks both directions against jeepney with hypothesis.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from typing import Any, Final
@@ -259,9 +260,12 @@ def pack_fixed(signature: str, values: tuple[int, ...]) -> bytes:
     """Body bytes for a signature of fixed-size integers (``y``, ``q``...)."""
     if not signature:
         return b""
-    return struct.pack(
-        "<" + "".join("BHIq"["yqux".index(c)] for c in signature), *values
-    )
+    return _fixed_layout(signature).pack(*values)
+
+
+@functools.cache
+def _fixed_layout(signature: str) -> struct.Struct:
+    return struct.Struct("<" + "".join("BHIq"["yqux".index(c)] for c in signature))
 
 
 _SEND_MESSAGE: Final = struct.Struct("<BBBBBxxxI")
