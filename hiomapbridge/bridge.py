@@ -521,7 +521,6 @@ EXIT_INTERRUPTED = 130  # a second SIGINT: left at once
 
 async def run(
     config: Config,
-    address: str,
     signals: Any,
     on_ready: Callable[[Bridge], None] | None = None,
     bridge_class: type[Bridge] = Bridge,
@@ -533,7 +532,7 @@ async def run(
     """
     import signal as _signal
 
-    async with open_bus(address) as bus:
+    async with open_bus(config.bus) as bus:
         bridge = bridge_class(bus, config)
         async with trio.open_nursery() as nursery:
             await bridge.start(nursery)

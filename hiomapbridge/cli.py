@@ -113,7 +113,7 @@ async def _main(config: bridge.Config) -> int:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         status = bridge.EXIT_FAILURE
         try:
-            status = await bridge.run(config, config.bus, signals)
+            status = await bridge.run(config, signals)
         except* BusClosed as group:
             for exc in group.exceptions:
                 log.error("%s; exiting so that systemd restarts us", exc)

@@ -34,7 +34,6 @@ from typing import Any
 
 import trio
 from jeepney import (
-    DBusAddress,
     HeaderFields,
     MatchRule,
     Message,
@@ -635,7 +634,3 @@ class NameOwner:
             )
             if self._on_change is not None:
                 self._on_change(old, owner)
-
-
-def address_of(service: str, path: str, interface: str) -> DBusAddress:
-    return DBusAddress(path, bus_name=service, interface=interface)

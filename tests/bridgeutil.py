@@ -57,7 +57,6 @@ async def run_bridge(
         try:
             status = await bridge.run(
                 bridge.Config(bus=address, **config),  # type: ignore[arg-type]
-                address,
                 receive,
                 on_ready,
                 bridge_class,
