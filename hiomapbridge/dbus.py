@@ -434,6 +434,8 @@ class Bus:
                     del buf[:size]
                     msg = wire.decode(frame) or Message.from_buffer(frame)
                     self._dispatch(msg)
+                    if self._closed is not None:  # a handler's send found
+                        raise self._closed  # the bus gone: stop here too
                     since_yield += 1
                     if since_yield >= FAIRNESS_BATCH:  # a flood must not
                         since_yield = 0  # starve the other tasks
