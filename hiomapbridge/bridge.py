@@ -52,6 +52,9 @@ from .ipmi import (
     CMD_GET_MESSAGE_FLAGS,
     CMD_HIOMAP,
     CMD_READ_EVENT_MESSAGE_BUFFER,
+    HOSTIPMI_IFACE,
+    HOSTIPMI_PATH,
+    HOSTIPMI_SERVICE,
     NETFN_APP,
     NETFN_OEM_IBM,
     CompletionCode,
@@ -61,9 +64,6 @@ from .ratelimit import RateLimitedLog
 
 log = logging.getLogger("hiomapbridge")
 
-HOSTIPMI_SERVICE = "org.openbmc.HostIpmi"
-HOSTIPMI_PATH = "/org/openbmc/HostIpmi/1"
-HOSTIPMI_IFACE = "org.openbmc.HostIpmi"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 
 PROTOCOL_RESET = int(Event.PROTOCOL_RESET)
@@ -575,4 +575,12 @@ async def run(
     return status
 
 
-__all__ = ["Bridge", "BusClosed", "Config", "run"]
+__all__ = [
+    "HOSTIPMI_IFACE",
+    "HOSTIPMI_PATH",
+    "HOSTIPMI_SERVICE",
+    "Bridge",
+    "BusClosed",
+    "Config",
+    "run",
+]

@@ -8,6 +8,11 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Final
 
+# btbridged's D-Bus API (wire reference section 2).
+HOSTIPMI_SERVICE: Final = "org.openbmc.HostIpmi"
+HOSTIPMI_PATH: Final = "/org/openbmc/HostIpmi/1"
+HOSTIPMI_IFACE: Final = "org.openbmc.HostIpmi"
+
 NETFN_APP: Final = 0x06
 NETFN_OEM_IBM: Final = 0x3A
 

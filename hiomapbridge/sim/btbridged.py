@@ -44,13 +44,19 @@ import trio
 from jeepney import DBusAddress, HeaderFields, Message, new_signal
 
 from hiomapbridge.dbus import Bus, open_bus, resolve_bus
-from hiomapbridge.ipmi import CompletionCode, response_netfn
+from hiomapbridge.ipmi import (
+    HOSTIPMI_IFACE,
+    HOSTIPMI_PATH,
+    HOSTIPMI_SERVICE,
+    CompletionCode,
+    response_netfn,
+)
 
 log = logging.getLogger(__name__)
 
-SERVICE: Final = "org.openbmc.HostIpmi"
-PATH: Final = "/org/openbmc/HostIpmi/1"
-INTERFACE: Final = "org.openbmc.HostIpmi"
+SERVICE: Final = HOSTIPMI_SERVICE
+PATH: Final = HOSTIPMI_PATH
+INTERFACE: Final = HOSTIPMI_IFACE
 ERROR_NAME: Final = "org.openbmc.error"
 TIMEOUT_ERROR_NAME: Final = "org.freedesktop.DBus.Error.Timeout"
 IO_ERROR_NAME: Final = "org.freedesktop.DBus.Error.IOError"
