@@ -251,10 +251,26 @@ class Bus:
         if self._closed is not None:
             raise self._closed
         serial = next(self._serials)
-        pending = self._register(serial, self._expected_sender(msg), None, 0)
+        return await self._call(
+            serial, self._expected_sender(msg), msg.serialise(serial)
+        )
+
+    async def call_template(
+        self, template: wire.CallTemplate, body: bytes = b""
+    ) -> Message:
+        """:meth:`call` for a call of a fixed shape (``body``: its encoded
+        arguments)."""
+        if self._closed is not None:
+            raise self._closed
+        serial = next(self._serials)
+        expect = self._expected_for(template.destination)
+        return await self._call(serial, expect, template.build(serial, body))
+
+    async def _call(self, serial: int, expect: str | None, data: bytes) -> Message:
+        pending = self._register(serial, expect, None, 0)
         assert pending.event is not None
         try:
-            self.send_raw(msg.serialise(serial))
+            self.send_raw(data)
             await pending.event.wait()
         finally:
             self._pending.pop(serial, None)
@@ -294,6 +310,11 @@ class Bus:
         expect = self._expected_for(template.destination)
         self._register(serial, expect, callback, reply_within)
         self._send_call(serial, template.build(serial, body))
+
+    def send_template_noreply(self, template: wire.CallTemplate, body: bytes) -> None:
+        """Send a call of a fixed shape flagged NO_REPLY_EXPECTED: the
+        callee (and the bus, on failure) sends nothing back."""
+        self.send_raw(template.build(next(self._serials), body, no_reply=True))
 
     def _send_call(self, serial: int, data: bytes) -> None:
         try:

@@ -245,12 +245,22 @@ class CallTemplate:
         self._fields = array + b"\0" * (-pos % 8)
         self._fields_length = len(array)
 
-    def build(self, serial: int, body: bytes = b"") -> bytes:
+    def build(self, serial: int, body: bytes = b"", no_reply: bool = False) -> bytes:
+        """The serialised call; ``no_reply`` sets NO_REPLY_EXPECTED."""
         return (
-            _CALL_HEAD(b"l\x01\x00\x01", len(body), serial, self._fields_length)
+            _CALL_HEAD(
+                _NO_REPLY_START if no_reply else _CALL_START,
+                len(body),
+                serial,
+                self._fields_length,
+            )
             + self._fields
             + body
         )
+
+
+_CALL_START: Final = b"l\x01\x00\x01"  # little-endian, method call, flags, v1
+_NO_REPLY_START: Final = b"l\x01\x01\x01"  # ... flags: NO_REPLY_EXPECTED
 
 
 _CALL_HEAD: Final = struct.Struct("<4sIII").pack

@@ -15,7 +15,7 @@ from jeepney import (
     new_method_return,
     new_signal,
 )
-from jeepney.low_level import Parser
+from jeepney.low_level import MessageFlag, Parser
 
 from hiomapbridge import wire
 
@@ -150,6 +150,16 @@ def test_call_template_matches_jeepney(
     template = wire.CallTemplate(destination, path, interface, member, signature)
     body_bytes = expected[len(expected) - jeepney_parse(expected).header.body_length :]
     assert template.build(serial, body_bytes) == expected
+    no_reply = new_method_call(
+        DBusAddress(path, bus_name=destination, interface=interface),
+        member,
+        signature or None,
+        body,
+    )
+    no_reply.header.flags = MessageFlag.no_reply_expected
+    assert template.build(serial, body_bytes, no_reply=True) == no_reply.serialise(
+        serial
+    )
 
 
 @given(
