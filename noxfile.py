@@ -126,9 +126,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=DEFAULT_PYTHON)
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the package (jeepney has an override: no hints)."""
-    session.install("-e", ".", *_dependency_group("typecheck"))
-    session.run("mypy", "--strict", "hiomapbridge", *session.posargs)
+    """mypy --strict on the package, its tests, the bench and the fuzz
+    harnesses (jeepney has an override: no hints)."""
+    session.install("-e", ".[test]", "nox", *_dependency_group("typecheck"))
+    args = session.posargs or ["hiomapbridge", "tests", "bench", "fuzz", "noxfile.py"]
+    session.run("mypy", "--strict", *args)
 
 
 @nox.session(python=DEFAULT_PYTHON)
