@@ -172,6 +172,7 @@ class Bus:
         self._serials = conn.outgoing_serial
         self._sock = socket.socket(fileno=os.dup(conn.socket.fileno()))
         self._sock.setblocking(False)
+        self._return_templates: dict[tuple[str | None, str], wire.ReturnTemplate] = {}
         self._unsent = bytearray()  # what the socket did not take yet
         self._unsent_wake = trio.Event()
         self._drained = trio.Event()
@@ -205,10 +206,36 @@ class Bus:
     async def send(self, msg: Message) -> None:
         """:meth:`send_nowait`, waiting first while earlier output is queued
         (backpressure for peers that send in bulk)."""
-        while self._unsent and self._closed is None:
-            await self._drained.wait()
+        await self._wait_drained()
         self.send_nowait(msg)
         await trio.lowlevel.checkpoint()
+
+    async def send_signal(self, template: wire.SignalTemplate, body: bytes) -> None:
+        """:meth:`send` for a signal of a fixed shape (``body``: its encoded
+        arguments)."""
+        await self._wait_drained()
+        self.send_raw(template.build(next(self._serials), body))
+        await trio.lowlevel.checkpoint()
+
+    async def _wait_drained(self) -> None:
+        while self._unsent and self._closed is None:
+            await self._drained.wait()
+
+    def reply_nowait(
+        self, call: Message, signature: str = "", body: bytes = b""
+    ) -> None:
+        """Send the method return for ``call`` now (``body``: its encoded
+        arguments), unless the caller wants none."""
+        if not _wants_reply(call):
+            return
+        key = (sender_of(call), signature)
+        template = self._return_templates.get(key)
+        if template is None:
+            if len(self._return_templates) >= 64:  # callers come and go
+                self._return_templates.clear()
+            template = wire.ReturnTemplate(*key)
+            self._return_templates[key] = template
+        self.send_raw(template.build(next(self._serials), call.header.serial, body))
 
     async def run_sender(self) -> None:
         """Flush what the socket did not take at once."""

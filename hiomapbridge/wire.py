@@ -14,7 +14,9 @@ with precomputed layouts:
 * :class:`CallTemplate` serialises method calls to a fixed (destination,
   path, interface, member, signature): the header fields are encoded once,
   so a call is one ``struct.pack`` plus its body bytes, byte-identical to
-  ``new_method_call(...).serialise(serial)``.
+  ``new_method_call(...).serialise(serial)``; :class:`SignalTemplate` and
+  :class:`ReturnTemplate` do the same for signals and method returns (the
+  simulators' hot path).
 
 jeepney still owns the connection (socket set-up, authentication, Hello);
 tests/test_wire.py checks both directions against jeepney with hypothesis.
@@ -217,9 +219,12 @@ def _string_field(code: int, sig: str, value: str, pos: int) -> tuple[bytes, int
 class CallTemplate:
     """Method calls to one (destination, path, interface, member,
     signature): ``build(serial, body)`` is the serialised message, where
-    ``body`` is the already-encoded body (see :meth:`pack`)."""
+    ``body`` is the already-encoded body (see :func:`pack_fixed`)."""
 
     __slots__ = ("_fields", "_fields_length", "destination")
+
+    _START: bytes = b"l\x01\x00\x01"  # little-endian, method call, flags, v1
+    _NO_REPLY_START: bytes = b"l\x01\x01\x01"  # ... flags: NO_REPLY_EXPECTED
 
     def __init__(
         self,
@@ -230,26 +235,21 @@ class CallTemplate:
         signature: str = "",
     ) -> None:
         self.destination = destination
-        fields = [(1, "o", path)]
+        fields: list[tuple[int, str, str]] = [(1, "o", path)]
         if interface is not None:
             fields.append((2, "s", interface))
-        fields += [(3, "s", member), (6, "s", destination)]
+        fields.append((3, "s", member))
+        if destination:
+            fields.append((6, "s", destination))
         if signature:
             fields.append((8, "g", signature))
-        pos = 16
-        parts = []
-        for code, sig, value in fields:
-            part, pos = _string_field(code, sig, value, pos)
-            parts.append(part)
-        array = b"".join(parts)
-        self._fields = array + b"\0" * (-pos % 8)
-        self._fields_length = len(array)
+        self._fields, self._fields_length = _header_fields(fields)
 
     def build(self, serial: int, body: bytes = b"", no_reply: bool = False) -> bytes:
-        """The serialised call; ``no_reply`` sets NO_REPLY_EXPECTED."""
+        """The serialised message; ``no_reply`` sets NO_REPLY_EXPECTED."""
         return (
-            _CALL_HEAD(
-                _NO_REPLY_START if no_reply else _CALL_START,
+            _HEAD(
+                self._NO_REPLY_START if no_reply else self._START,
                 len(body),
                 serial,
                 self._fields_length,
@@ -259,11 +259,66 @@ class CallTemplate:
         )
 
 
-_CALL_START: Final = b"l\x01\x00\x01"  # little-endian, method call, flags, v1
-_NO_REPLY_START: Final = b"l\x01\x01\x01"  # ... flags: NO_REPLY_EXPECTED
+class SignalTemplate(CallTemplate):
+    """Signals from one (path, interface, member, signature), broadcast."""
+
+    __slots__ = ()
+
+    _START = b"l\x04\x00\x01"  # little-endian, signal, no flags, v1
+
+    def __init__(
+        self, path: str, interface: str, member: str, signature: str = ""
+    ) -> None:
+        super().__init__("", path, interface, member, signature)
 
 
-_CALL_HEAD: Final = struct.Struct("<4sIII").pack
+class ReturnTemplate:
+    """Method returns with one signature to one destination:
+    ``build(serial, reply_serial, body)``."""
+
+    __slots__ = ("_after_serial", "_fields_length")
+
+    def __init__(self, destination: str | None, signature: str = "") -> None:
+        fields: list[tuple[int, str, str]] = []
+        if destination is not None:
+            fields.append((6, "s", destination))
+        if signature:
+            fields.append((8, "g", signature))
+        # field 5 (reply serial, u32) comes first: 8 bytes at offset 16
+        rest, rest_length = _header_fields(fields, pos=24)
+        self._fields_length = 8 + rest_length
+        self._after_serial = rest
+
+    def build(self, serial: int, reply_serial: int, body: bytes = b"") -> bytes:
+        return (
+            _RETURN_HEAD(
+                b"l\x02\x00\x01",  # little-endian, method return, no flags, v1
+                len(body),
+                serial,
+                self._fields_length,
+                b"\x05\x01u\x00",
+                reply_serial,
+            )
+            + self._after_serial
+            + body
+        )
+
+
+def _header_fields(
+    fields: list[tuple[int, str, str]], pos: int = 16
+) -> tuple[bytes, int]:
+    """The header field array from ``pos`` on, padded to 8; and its unpadded
+    length."""
+    parts = []
+    for code, sig, value in fields:
+        part, pos = _string_field(code, sig, value, pos)
+        parts.append(part)
+    array = b"".join(parts)
+    return array + b"\0" * (-pos % 8), len(array)
+
+
+_HEAD: Final = struct.Struct("<4sIII").pack
+_RETURN_HEAD: Final = struct.Struct("<4sIII4sI").pack
 
 
 def pack_fixed(signature: str, values: tuple[int, ...]) -> bytes:
@@ -278,7 +333,15 @@ def _fixed_layout(signature: str) -> struct.Struct:
     return struct.Struct("<" + "".join("BHIq"["yqux".index(c)] for c in signature))
 
 
+_RECEIVED_MESSAGE: Final = struct.Struct("<BBBBI")
 _SEND_MESSAGE: Final = struct.Struct("<BBBBBxxxI")
+
+
+def pack_received_message(
+    seq: int, netfn: int, lun: int, cmd: int, data: bytes
+) -> bytes:
+    """Body of ``ReceivedMessage(y seq, y netfn, y lun, y cmd, ay data)``."""
+    return _RECEIVED_MESSAGE.pack(seq, netfn, lun, cmd, len(data)) + data
 
 
 def pack_send_message(

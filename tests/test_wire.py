@@ -201,3 +201,48 @@ def test_pack_send_message_matches_jeepney(
         "yyyyyay",
     )
     assert template.build(serial, wire.pack_send_message(*args)) == expected
+
+
+@given(paths, names, members, y, y, y, y, st.binary(max_size=64), serials)
+def test_signal_template_matches_jeepney(
+    path: str,
+    interface: str,
+    member: str,
+    seq: int,
+    netfn: int,
+    lun: int,
+    cmd: int,
+    data: bytes,
+    serial: int,
+) -> None:
+    args = (seq, netfn, lun, cmd, data)
+    expected = new_signal(
+        DBusAddress(path, interface=interface), member, "yyyyay", args
+    ).serialise(serial)
+    template = wire.SignalTemplate(path, interface, member, "yyyyay")
+    assert template.build(serial, wire.pack_received_message(*args)) == expected
+
+
+@given(
+    st.one_of(st.none(), uniques),
+    st.sampled_from(["", "x", "yyq", "qqq"]).flatmap(
+        lambda s: st.tuples(st.just(s), BODIES[s])
+    ),
+    serials,
+    serials,
+)
+def test_return_template_matches_jeepney(
+    destination: str | None,
+    sig_body: tuple[str, tuple[int, ...]],
+    reply_serial: int,
+    serial: int,
+) -> None:
+    signature, body = sig_body
+    call = new_method_call(DBusAddress("/p", bus_name=":1.1", interface="a.b"), "M")
+    call.header.serial = reply_serial
+    if destination is not None:
+        call.header.fields[HeaderFields.sender] = destination
+    expected = new_method_return(call, signature or None, body).serialise(serial)
+    template = wire.ReturnTemplate(destination, signature)
+    packed = wire.pack_fixed(signature, body)
+    assert template.build(serial, reply_serial, packed) == expected

@@ -42,8 +42,9 @@ from typing import Any, Final, Literal
 
 import attrs
 import trio
-from jeepney import DBusAddress, HeaderFields, Message, new_method_return, new_signal
+from jeepney import HeaderFields, Message
 
+from hiomapbridge import wire
 from hiomapbridge.dbus import Bus, BusClosed, open_bus, resolve_bus
 from hiomapbridge.ipmi import (
     HOSTIPMI_IFACE,
@@ -74,6 +75,10 @@ MAX_REQUEST_DATA: Final = BT_MAX_MESSAGE - 4  # length, netfn/lun, seq, cmd
 MAX_RESPONSE_DATA: Final = BT_MAX_MESSAGE - 5  # ... and cc
 
 _REQUEST_NAME_FLAGS: Final = 0x3  # ALLOW_REPLACEMENT | REPLACE_EXISTING
+_RECEIVED_MESSAGE: Final = wire.SignalTemplate(
+    PATH, INTERFACE, "ReceivedMessage", "yyyyay"
+)
+_ZERO: Final = wire.pack_fixed("x", (0,))  # btbridged's int64 return value
 
 
 class BtTimeout(Exception):
@@ -396,9 +401,9 @@ class BtBridge:
 
     def _reply_taken(self, msg: Message) -> None:
         """Answer ``msg`` with success (``x`` 0), as btbridged does."""
-        if self._bus is not None and not msg.header.flags & 1:  # NO_REPLY_EXPECTED
+        if self._bus is not None:
             try:
-                self._bus.send_nowait(new_method_return(msg, "x", (0,)))
+                self._bus.reply_nowait(msg, "x", _ZERO)
             except BusClosed:
                 pass
 
@@ -565,13 +570,9 @@ class BtBridge:
         self.transactions.append(tx)
         self._changed()
         try:
-            await bus.send(
-                new_signal(
-                    DBusAddress(PATH, interface=INTERFACE),
-                    "ReceivedMessage",
-                    "yyyyay",
-                    (tx.seq, tx.netfn, tx.lun, tx.cmd, tx.data),
-                )
+            await bus.send_signal(
+                _RECEIVED_MESSAGE,
+                wire.pack_received_message(tx.seq, tx.netfn, tx.lun, tx.cmd, tx.data),
             )
             with trio.move_on_after(self.host_timeout):
                 await o.answered.wait()
