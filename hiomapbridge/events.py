@@ -6,6 +6,7 @@ PropertiesChanged payload to the cached event byte. Pure and total.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from enum import IntFlag
 from typing import Final
@@ -67,8 +68,10 @@ def fold(byte: int, changed: Mapping[str, tuple[str, object]]) -> Folded:
     return Folded(byte & 0xFF, tuple(ignored))
 
 
+@functools.lru_cache(maxsize=256)
 def describe(byte: int) -> str:
-    """For logs: ``0x81 (DAEMON_READY|PROTOCOL_RESET)``, ``0x00 (none)``."""
+    """For logs: ``0x81 (DAEMON_READY|PROTOCOL_RESET)``, ``0x00 (none)``.
+    Cached: log calls evaluate it on the hot path even when not logging."""
     names = [e.name for e in sorted(Event, reverse=True) if byte & e and e.name]
     rest = byte & ~sum(Event)
     if rest:
