@@ -313,3 +313,26 @@ async def test_request_too_long_and_response_truncated(bus_address: str) -> None
         req = await peer.next()
         await peer.answer(req, 0, bytes(100))
         assert len(results[0].data) == 59  # type: ignore[attr-defined]
+
+
+async def test_host_woken_at_teardown_is_cancelled_not_refused(
+    bus_address: str,
+) -> None:
+    """An SMS_ATN latched in the same tick as the teardown wakes the host's
+    task before the cancellation reaches it: its next transact must end in
+    Cancelled, not NotServing (a flaky end-to-end failure, once)."""
+    for _ in range(20):  # trio picks the order of the two woken tasks
+        async with open_bus(bus_address) as bus:
+            bt = BtBridge()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(bt.serve, bus)
+
+                async def host(bt: BtBridge) -> None:
+                    await bt.wait_attention()
+                    await bt.transact(NETFN_APP, CMD_GET_MESSAGE_FLAGS)
+
+                nursery.start_soon(host, bt)
+                await trio.testing.wait_all_tasks_blocked()
+                bt._attention_latched = True
+                bt._changed()
+                nursery.cancel_scope.cancel()

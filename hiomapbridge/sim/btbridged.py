@@ -556,6 +556,10 @@ class BtBridge:
         """
         bus, nursery = self._bus, self._nursery
         if bus is None or nursery is None:
+            # Torn down together with a cancelled host task that had just
+            # been woken (an SMS_ATN latched at teardown): that is a
+            # cancellation, not a host using a stand-in that never ran.
+            await trio.lowlevel.checkpoint_if_cancelled()
             raise NotServing("BtBridge.serve() is not running")
         if len(data) > MAX_REQUEST_DATA:
             raise ValueError(f"request data {len(data)} bytes > {MAX_REQUEST_DATA}")
