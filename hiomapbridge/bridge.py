@@ -128,7 +128,7 @@ class Bridge:
     def __init__(self, bus: Bus, config: Config) -> None:
         self.bus = bus
         self.config = config
-        self.queue = self.queue_class(self._set_attention, config.atn_interval)
+        self.queue = self.queue_class(self._start_attention, config.atn_interval)
         self.dispatcher = Dispatcher()
         self.btbridged = NameOwner(HOSTIPMI_SERVICE, self._btbridged_changed)
         self.hiomapd = NameOwner(HIOMAPD_SERVICE, self._hiomapd_changed)
@@ -489,11 +489,17 @@ class Bridge:
             counts,
         )
 
-    async def _set_attention(self) -> None:
+    def _start_attention(self, done: Callable[[BaseException | None], None]) -> None:
+        """Send ``setAttention``; ``done`` gets None or what went wrong."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("asserting SMS_ATN (event %s waits)", _waiting(self.queue))
-        with trio.fail_after(SEND_REPLY_WITHIN):
-            await self.bus.call_template(self._set_attention_call)
+
+        def outcome(reply: Message | Exception) -> None:
+            done(reply if isinstance(reply, Exception) else None)
+
+        self.bus.call_template_nowait(
+            self._set_attention_call, b"", outcome, SEND_REPLY_WITHIN
+        )
 
     # -- shutdown ----------------------------------------------------------
 

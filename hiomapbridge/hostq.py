@@ -8,15 +8,19 @@ one, was accepted by btbridged (its reply to ``sendMessage``).  Nothing
 earlier counts: this is the difference from ipmid, which completes on
 dequeue.
 
-The queue is I/O-free except for the SMS_ATN loop, which calls the injected
-``set_attention`` coroutine, so it runs unchanged under trio's MockClock.
+The queue does no I/O itself: it asserts SMS_ATN through the injected
+``start_attention(done)``, which sends ``setAttention`` and later calls
+``done`` with None or the exception.  The first SMS_ATN for an event goes
+out synchronously, from whatever posted it (the bus receiver, in wire
+order: no task switch on the event path); the only task is the
+re-assertion timer.  It runs unchanged under trio's MockClock.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -39,23 +43,28 @@ class Fetch:
     byte: int | None
 
 
+AttentionDone = Callable[[BaseException | None], None]
+
+
 class HostQueue:
     """Latest-byte event queue with delivery completions and SMS_ATN."""
 
     def __init__(
         self,
-        set_attention: Callable[[], Awaitable[None]],
+        start_attention: Callable[[AttentionDone], None],
         atn_interval: float = 3.0,
     ) -> None:
-        self._set_attention = set_attention
+        self._start_attention = start_attention
         self.atn_interval = atn_interval
         self._byte: int | None = None  # latest posted byte
         self._posted = 0  # generation of the latest post
         self._delivered = 0  # highest delivered generation
         self.last_delivered: int | None = None  # byte the host last received
         self._changed = trio.Event()  # set (and replaced) on every change
-        self._attention_due = False
-        self._wake = trio.Event()  # wakes the SMS_ATN loop
+        self._attention_due = False  # assert once the one in flight is done
+        self._asserting = False  # a setAttention is in flight
+        self._next_at = math.inf  # when the timer re-asserts
+        self._timer = trio.CancelScope()  # run_attention sleeps in it
         self.attention_count = 0
 
     # -- state -------------------------------------------------------------
@@ -83,7 +92,8 @@ class HostQueue:
 
     def _request_attention(self) -> None:
         self._attention_due = True
-        self._wake.set()
+        if not self._asserting:
+            self._assert()
 
     # -- the event source side ---------------------------------------------
 
@@ -95,11 +105,10 @@ class HostQueue:
         Otherwise the byte replaces whatever waited: the host fetches only
         the newest state.
         """
-        if not self.waiting:
-            if byte == self.last_delivered:
-                return self._delivered
-            self._request_attention()
-        elif byte == self._byte:
+        announce = not self.waiting
+        if announce and byte == self.last_delivered:
+            return self._delivered
+        if not announce and byte == self._byte:
             # Already waiting: a response carrying the current generation
             # (maybe in flight now) delivers exactly this state.
             return self._posted
@@ -107,6 +116,8 @@ class HostQueue:
         self._byte = byte
         log.debug("event %s posted (generation %d)", describe(byte), self._posted)
         self._notify()
+        if announce:
+            self._request_attention()
         return self._posted
 
     async def wait_delivered(self, generation: int) -> None:
@@ -164,29 +175,39 @@ class HostQueue:
             self._request_attention()
 
     # -- SMS_ATN -----------------------------------------------------------
+    #
+    # SMS_ATN is asserted when a byte starts waiting, when a delivery or a
+    # failed send leaves a byte waiting, on kick(), and every atn_interval
+    # while a byte waits.  A newer post while a byte already waits needs no
+    # new SMS_ATN: the host fetches the newest.  One setAttention is in
+    # flight at a time; a request meanwhile is remembered and sent after it.
+
+    def _assert(self) -> None:
+        self._attention_due = False
+        if not self.waiting:
+            return
+        self._asserting = True
+        self.attention_count += 1
+        self._next_at = trio.current_time() + self.atn_interval
+        self._timer.deadline = self._next_at
+        try:
+            self._start_attention(self._asserted)
+        except Exception as exc:
+            self._asserted(exc)
+
+    def _asserted(self, exc: BaseException | None) -> None:
+        self._asserting = False
+        if exc is not None:  # logged; the interval retries
+            log.warning("setAttention failed: %s", exc)
+        if self._attention_due:
+            self._assert()
 
     async def run_attention(self) -> None:
-        """Assert SMS_ATN when a byte starts waiting, when a delivery or a
-        failed send leaves a byte waiting, on :meth:`kick`, and every
-        ``atn_interval`` while a byte waits.  A newer post while a byte
-        already waits needs no new SMS_ATN: the host fetches the newest."""
-        next_at = math.inf
+        """The re-assertion timer: SMS_ATN again every ``atn_interval``
+        while a byte waits (the host may have missed the last one)."""
         while True:
-            if self._attention_due and self.waiting:
-                self._attention_due = False
-                await self._assert()
-                next_at = trio.current_time() + self.atn_interval
-                continue
-            self._attention_due = False
-            self._wake = trio.Event()
-            with trio.move_on_at(next_at if self.waiting else math.inf) as scope:
-                await self._wake.wait()
-            if scope.cancelled_caught:
-                self._attention_due = True
-
-    async def _assert(self) -> None:
-        self.attention_count += 1
-        try:
-            await self._set_attention()
-        except Exception as exc:  # logged; the interval retries
-            log.warning("setAttention failed: %s", exc)
+            with trio.CancelScope(deadline=self._next_at) as self._timer:
+                await trio.sleep_forever()
+            self._next_at = math.inf
+            if self.waiting:
+                self._request_attention()

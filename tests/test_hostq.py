@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import trio
@@ -19,10 +19,9 @@ class Attention:
         self.times: list[float] = []
         self.fail = False
 
-    async def __call__(self) -> None:
+    def __call__(self, done: Callable[[BaseException | None], None]) -> None:
         self.times.append(trio.current_time())
-        if self.fail:
-            raise RuntimeError("btbridged not there")
+        done(RuntimeError("btbridged not there") if self.fail else None)
 
 
 @pytest.fixture

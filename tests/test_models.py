@@ -418,10 +418,9 @@ class QueueMachine(RuleBasedStateMachine):
 
     @contextlib.asynccontextmanager
     async def _setup(self) -> AsyncIterator[HostQueue]:
-        async def set_attention() -> None:
+        def set_attention(done: Callable[[BaseException | None], None]) -> None:
             self.attention_calls += 1
-            if self.attention_fails:
-                raise RuntimeError("btbridged said no")
+            done(RuntimeError("btbridged said no") if self.attention_fails else None)
 
         queue = HostQueue(set_attention, INTERVAL)
         async with trio.open_nursery() as nursery:
