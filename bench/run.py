@@ -769,8 +769,8 @@ def write_outputs(out: Path, data: dict[str, Any]) -> dict[str, float]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--commands", type=int, default=10_000, help="per repeat and mode")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--events", type=int, default=300, help="events per repeat")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--events", type=int, default=1000, help="events per repeat")
     p.add_argument("--soak", type=int, default=100_000, help="commands in the RSS soak")
     p.add_argument(
         "--profile-commands",

@@ -12,7 +12,8 @@ arrival order, without a task switch per command.  The tasks (inside
 
     bridge nursery
      ├ hiomapd watcher    GetAll whenever hiomapd gains an owner
-     ├ SMS_ATN loop       HostQueue.run_attention
+     ├ SMS_ATN timer      HostQueue.run_attention (re-assertion; the first
+     │                    setAttention goes out from the receiver)
      ├ log flusher        counts behind rate-limited log lines
      └ watchdog           WATCHDOG=1 when systemd asks for it
 

@@ -381,7 +381,7 @@ class QueueModel:
             self.request_attention()
 
     def _loop(self) -> None:
-        """What the SMS_ATN loop does once woken, until it sleeps again."""
+        """What the SMS_ATN logic does once woken, until it sleeps again."""
         if self.due and self.waiting:
             self.attentions += 1
             self.next_at = self.now + INTERVAL
@@ -437,7 +437,7 @@ class QueueMachine(RuleBasedStateMachine):
         self, fn: Callable[[], T], model_fn: Callable[[], Any] = lambda: None
     ) -> tuple[T, Any]:
         """Run ``fn`` on the queue and ``model_fn`` on the model, then let
-        both SMS_ATN loops (real and modelled) run until they block."""
+        both SMS_ATN logics (real and modelled) run until they block."""
 
         async def step() -> T:
             result = fn()
