@@ -77,12 +77,13 @@ HIOMAP_BACKLOG = 64
 #: How long btbridged may take to accept a response (it gives up on the
 #: host after 5 s itself).
 SEND_REPLY_WITHIN = 5.0
-#: A response sent this long or longer after its request arrived asks for
-#: btbridged's reply, so that a refusal (btbridged already timed the request
-#: out: after 1 s in btbridged.c, 5 s per the wire reference) is logged.  A
-#: quicker one cannot have been timed out and is sent NO_REPLY_EXPECTED:
-#: waking up for its reply was a third of the bridge's CPU per command.
-#: Event records always ask: their reply is the delivery.
+#: A response sent this long or longer after the bridge read its request
+#: asks for btbridged's reply, so that a refusal (btbridged already timed the
+#: request out: after 1 s in btbridged.c, 5 s per the wire reference) is
+#: logged.  A quicker one is sent NO_REPLY_EXPECTED: its request could only
+#: have timed out after waiting ~0.75 s in the bus, and waking up for the
+#: reply was a third of the bridge's CPU per command.  Event records always
+#: ask: their reply is the delivery.
 CONFIRM_RESPONSES_AFTER = 0.25
 
 
@@ -356,7 +357,7 @@ class Bridge:
             req.seq, response_netfn(req.netfn), req.lun, req.cmd, cc, data
         )
         if (
-            fetch is None
+            (fetch is None or not fetch.generation)  # not an event (a heartbeat)
             and trio.current_time() - req.received < CONFIRM_RESPONSES_AFTER
         ):
             self.bus.send_template_noreply(template, body)

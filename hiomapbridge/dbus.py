@@ -426,9 +426,15 @@ class Bus:
         which must send exactly one reply (unless the caller wants none)."""
 
         def spawn(msg: Message) -> None:
-            self._nursery.start_soon(self._serve_one, handler, msg)
+            self.serve_later(handler, msg)
 
         self._exports[path] = spawn
+
+    def serve_later(self, handler: MethodHandler, msg: Message) -> None:
+        """Run ``handler(msg)`` as a task, as :meth:`export` does: a lost bus
+        ends it quietly, any other exception is logged and answered
+        ``Failed``.  For an inline export that defers some calls."""
+        self._nursery.start_soon(self._serve_one, handler, msg)
 
     def export_inline(self, path: str, callback: Callable[[Message], None]) -> None:
         """Serve method calls to ``path`` by calling ``callback`` synchronously

@@ -188,19 +188,25 @@ class HostQueue:
             return
         self._asserting = True
         self.attention_count += 1
-        self._next_at = trio.current_time() + self.atn_interval
-        self._timer.deadline = self._next_at
+        self._arm(math.inf)  # the interval runs from the call's outcome
         try:
             self._start_attention(self._asserted)
         except Exception as exc:
             self._asserted(exc)
 
     def _asserted(self, exc: BaseException | None) -> None:
+        if not self._asserting:  # the bus closed under a call being started
+            return
         self._asserting = False
         if exc is not None:  # logged; the interval retries
             log.warning("setAttention failed: %s", exc)
+        self._arm(trio.current_time() + self.atn_interval)
         if self._attention_due:
             self._assert()
+
+    def _arm(self, when: float) -> None:
+        self._next_at = when
+        self._timer.deadline = when
 
     async def run_attention(self) -> None:
         """The re-assertion timer: SMS_ATN again every ``atn_interval``
@@ -208,6 +214,8 @@ class HostQueue:
         while True:
             with trio.CancelScope(deadline=self._next_at) as self._timer:
                 await trio.sleep_forever()
+            if trio.current_time() < self._next_at:
+                continue  # re-armed for later while this wake-up was queued
             self._next_at = math.inf
             if self.waiting:
                 self._request_attention()

@@ -216,15 +216,30 @@ def _string_field(code: int, sig: str, value: str, pos: int) -> tuple[bytes, int
     return bytes(out), pos + len(out)
 
 
+def _addressed_fields(
+    path: str,
+    interface: str | None,
+    member: str,
+    destination: str | None,
+    signature: str,
+) -> tuple[bytes, int]:
+    fields: list[tuple[int, str, str]] = [(1, "o", path)]
+    if interface is not None:
+        fields.append((2, "s", interface))
+    fields.append((3, "s", member))
+    if destination is not None:
+        fields.append((6, "s", destination))
+    if signature:
+        fields.append((8, "g", signature))
+    return _header_fields(fields)
+
+
 class CallTemplate:
     """Method calls to one (destination, path, interface, member,
     signature): ``build(serial, body)`` is the serialised message, where
     ``body`` is the already-encoded body (see :func:`pack_fixed`)."""
 
     __slots__ = ("_fields", "_fields_length", "destination")
-
-    _START: bytes = b"l\x01\x00\x01"  # little-endian, method call, flags, v1
-    _NO_REPLY_START: bytes = b"l\x01\x01\x01"  # ... flags: NO_REPLY_EXPECTED
 
     def __init__(
         self,
@@ -235,41 +250,39 @@ class CallTemplate:
         signature: str = "",
     ) -> None:
         self.destination = destination
-        fields: list[tuple[int, str, str]] = [(1, "o", path)]
-        if interface is not None:
-            fields.append((2, "s", interface))
-        fields.append((3, "s", member))
-        if destination:
-            fields.append((6, "s", destination))
-        if signature:
-            fields.append((8, "g", signature))
-        self._fields, self._fields_length = _header_fields(fields)
+        self._fields, self._fields_length = _addressed_fields(
+            path, interface, member, destination, signature
+        )
 
     def build(self, serial: int, body: bytes = b"", no_reply: bool = False) -> bytes:
-        """The serialised message; ``no_reply`` sets NO_REPLY_EXPECTED."""
+        """The serialised call; ``no_reply`` sets NO_REPLY_EXPECTED."""
+        start = (
+            b"l\x01\x01\x01" if no_reply else b"l\x01\x00\x01"
+        )  # LE, call, flags, v1
         return (
-            _HEAD(
-                self._NO_REPLY_START if no_reply else self._START,
-                len(body),
-                serial,
-                self._fields_length,
-            )
-            + self._fields
-            + body
+            _HEAD(start, len(body), serial, self._fields_length) + self._fields + body
         )
 
 
-class SignalTemplate(CallTemplate):
-    """Signals from one (path, interface, member, signature), broadcast."""
+class SignalTemplate:
+    """Signals from one (path, interface, member, signature), broadcast:
+    ``build(serial, body)``."""
 
-    __slots__ = ()
-
-    _START = b"l\x04\x00\x01"  # little-endian, signal, no flags, v1
+    __slots__ = ("_fields", "_fields_length")
 
     def __init__(
         self, path: str, interface: str, member: str, signature: str = ""
     ) -> None:
-        super().__init__("", path, interface, member, signature)
+        self._fields, self._fields_length = _addressed_fields(
+            path, interface, member, None, signature
+        )
+
+    def build(self, serial: int, body: bytes = b"") -> bytes:
+        return (
+            _HEAD(b"l\x04\x00\x01", len(body), serial, self._fields_length)  # signal
+            + self._fields
+            + body
+        )
 
 
 class ReturnTemplate:

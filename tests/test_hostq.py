@@ -203,3 +203,43 @@ async def test_reposting_the_waiting_byte_adds_no_generation(
     await trio.testing.wait_all_tasks_blocked()
     assert not queue.waiting
     assert len(attention.times) == 1
+
+
+class PendingAttention:
+    """setAttention calls that complete only when the test says so."""
+
+    def __init__(self) -> None:
+        self.calls: list[Callable[[BaseException | None], None]] = []
+
+    def __call__(self, done: Callable[[BaseException | None], None]) -> None:
+        self.calls.append(done)
+
+
+async def test_one_set_attention_in_flight_none_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """While a setAttention is in flight (btbridged slow to answer), further
+    requests for SMS_ATN are remembered, not sent; the first one goes out the
+    moment the call ends, and the interval counts from the call's outcome."""
+    attention = PendingAttention()
+    queue = HostQueue(attention, atn_interval=3.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(queue.run_attention)
+        queue.post(0x81)
+        assert len(attention.calls) == 1  # sent from post() itself
+        queue.failed(queue.fetch(), "sendMessage: btbridged gone")
+        queue.kick()
+        await trio.sleep(10)  # longer than the interval: still one call
+        assert len(attention.calls) == 1
+        attention.calls[0](trio.TooSlowError())
+        assert len(attention.calls) == 2  # the remembered request, at once
+        attention.calls[1](None)
+        await trio.sleep(2.9)
+        assert len(attention.calls) == 2
+        await trio.sleep(0.2)
+        assert len(attention.calls) == 3  # 3 s after the second call's outcome
+        queue.delivered(queue.fetch())
+        attention.calls[2](None)
+        await trio.sleep(10)
+        assert len(attention.calls) == 3  # nothing waits: silent
+        nursery.cancel_scope.cancel()

@@ -271,10 +271,10 @@ class BtBridge:
     transactions: list[Transaction] = attrs.field(factory=list)
     attentions: list[Attention] = attrs.field(factory=list)
     attention_error: tuple[str, str] | None = None
+    """When set, ``setAttention`` fails with this (name, text)."""
     unmatched: list[int] = attrs.field(factory=list)
     """Seqs of ``sendMessage`` calls refused with "No matching request"
     (appended once the error reply is sent)."""
-    """When set, ``setAttention`` fails with this (name, text)."""
 
     _bus: Bus | None = None
     _nursery: trio.Nursery | None = None
@@ -317,8 +317,8 @@ class BtBridge:
         # on the spot, as btbridged's C handler would: a task per call would
         # make this stand-in, not the bridge, the cost the benchmark sees.
         if not (self._send_message_now(msg) or self._set_attention_now(msg)):
-            assert self._nursery is not None
-            self._nursery.start_soon(self._handle_call, msg)
+            assert self._bus is not None
+            self._bus.serve_later(self._handle_call, msg)
 
     async def _handle_call(self, msg: Message) -> None:
         assert self._bus is not None
@@ -529,10 +529,12 @@ class BtBridge:
             ),
             "timed_out",
         )  # fmt: skip
-        if call is not None and self._nursery is not None and self._bus is not None:
+        if call is not None and self._bus is not None:
             tx.send_message_error = TIMEOUT_ERROR_NAME
-            self._nursery.start_soon(
-                self._bus.reply_error, call, TIMEOUT_ERROR_NAME, "Timed out"
+            bus = self._bus
+            bus.serve_later(
+                lambda call: bus.reply_error(call, TIMEOUT_ERROR_NAME, "Timed out"),
+                call,
             )
 
     # -- the host side ----------------------------------------------------
