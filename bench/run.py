@@ -30,8 +30,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import linecache
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -483,10 +485,24 @@ def categorise(filename: str, function: str) -> str | None:
     return None
 
 
+_SOCKET_CALL = re.compile(r"sock\.(send|recv)")
+
+
+def on_socket_call(where: str) -> bool:
+    """Whether the source line ``path:line`` calls a socket's send or recv:
+    py-spy (without --native) charges the syscall, and the kernel's wake-up
+    of dbus-daemon inside it, to that Python line."""
+    path, _, line = where.rpartition(":")
+    return line.isdigit() and bool(
+        _SOCKET_CALL.search(linecache.getline(path, int(line)))
+    )
+
+
 def summarise_pyspy(raw: Path) -> dict[str, Any]:
     """Collapsed stacks (root;...;leaf count) -> self samples by category,
     deciding each sample by its innermost frame that names a category (a
-    codec frame anywhere on the stack wins: time under it is codec time)."""
+    codec frame anywhere on the stack wins: time under it is codec time; a
+    leaf on a line calling socket send/recv is socket I/O)."""
     totals = dict.fromkeys(CATEGORIES, 0)
     leaves: dict[str, int] = {}
     for line in raw.read_text().splitlines():
@@ -504,6 +520,8 @@ def summarise_pyspy(raw: Path) -> dict[str, Any]:
         category = None
         if any(categorise(f, n) == "D-Bus encode/decode" for f, n in parsed):
             category = "D-Bus encode/decode"
+        elif on_socket_call(frames[-1].partition(" (")[2].rstrip(")")):
+            category = "socket I/O"
         else:
             for f, n in reversed(parsed):
                 category = categorise(f, n)

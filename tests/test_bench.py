@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,3 +67,34 @@ def test_quick_bench_writes_all_results(tmp_path: Path) -> None:
     assert (out / "profile-summary.txt").exists()
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "latency.png").read_bytes().startswith(b"\x89PNG")
+
+
+def load_harness() -> object:
+    spec = importlib.util.spec_from_file_location("bench_run", HARNESS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not HARNESS.exists(), reason="bench/ is not in this tree")
+def test_pyspy_summary_charges_socket_lines_to_socket_io(tmp_path: Path) -> None:
+    """A sample on a line calling sock.send/recv is socket I/O (the syscall,
+    charged by py-spy to that line); a codec frame anywhere wins; else the
+    innermost categorised frame decides."""
+    harness: Any = load_harness()
+    src = tmp_path / "hiomapbridge" / "dbus.py"
+    src.parent.mkdir()
+    src.write_text("def send_raw(self, data):\n    sent = self._sock.send(data)\n")
+    codec = tmp_path / "hiomapbridge" / "wire.py"
+    codec.write_text("def decode(buf):\n    pass\n")
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        f"run ({src}:1);send_raw ({src}:2) 30\n"
+        f"run ({src}:1);send_raw ({src}:1) 50\n"
+        f"run ({src}:2);decode ({codec}:2) 20\n"
+    )
+    split = harness.summarise_pyspy(raw)["split_percent"]
+    assert split["socket I/O"] == 30.0
+    assert split["our logic"] == 50.0
+    assert split["D-Bus encode/decode"] == 20.0
