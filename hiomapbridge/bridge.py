@@ -467,6 +467,7 @@ class Bridge:
             (self.rejected_signals, "malformed signals or properties ignored"),
             (self.overflow, "HIOMAP requests answered NODE_BUSY (backlog full)"),
             (self.bus.stray_replies, "replies from connections we did not call"),
+            (self.bus.malformed, "unreadable messages from the bus dropped"),
         ]
 
     async def _flush_logs(self) -> None:

@@ -160,6 +160,8 @@ class Bus:
         self._closed: BusClosed | None = None
         #: replies from a connection the call did not go to (counted, logged)
         self.stray_replies = RateLimitedLog(log, logging.WARNING)
+        #: frames that are not readable messages (a bus never sends them)
+        self.malformed = RateLimitedLog(log, logging.WARNING)
         self._next_expiry = math.inf
         # The expiry task sleeps in this scope; moving its deadline earlier
         # costs no task switch (a new call must not wake anybody).
@@ -486,10 +488,16 @@ class Bus:
                         break
                     frame = bytes(buf[:size])
                     del buf[:size]
-                    msg = wire.decode(frame) or Message.from_buffer(frame)
-                    self._dispatch(msg)
-                    if self._closed is not None:  # a handler's send found
-                        raise self._closed  # the bus gone: stop here too
+                    try:
+                        msg = wire.parse(frame)
+                    except wire.Malformed as exc:  # framing still holds
+                        self.malformed(
+                            "dropped an unreadable message of %d bytes: %s", size, exc
+                        )
+                    else:
+                        self._dispatch(msg)
+                        if self._closed is not None:  # a handler's send found
+                            raise self._closed  # the bus gone: stop here too
                     since_yield += 1
                     if since_yield >= FAIRNESS_BATCH:  # a flood must not
                         since_yield = 0  # starve the other tasks

@@ -136,11 +136,24 @@ def _body_parser(signature: str) -> BodyParser:
 # -- messages -------------------------------------------------------------------
 
 
+class Malformed(ValueError):
+    """A frame that is not a D-Bus message we can read."""
+
+
+def parse(frame: bytes) -> Message:
+    """One framed message: :func:`decode`, else jeepney's parser.  Raises
+    :class:`Malformed`, and nothing else, for a frame neither can read
+    (parsers of bad input raise IndexError, KeyError, struct.error...)."""
+    try:
+        return decode(frame) or Message.from_buffer(frame)
+    except Exception as exc:
+        raise Malformed(f"{type(exc).__name__}: {exc}") from exc
+
+
 def decode(buf: bytes) -> Message | None:
     """Parse one complete message, exactly as jeepney would; None if this
     codec does not handle it (the caller then uses jeepney).  Malformed
-    input raises ValueError (or struct.error, a ValueError too), as
-    jeepney's parser raises on it."""
+    input raises (use :func:`parse` for one exception type)."""
     if buf[0] != 0x6C:  # big-endian: leave it to jeepney
         return None
     _e, mtype, flags, version, body_length, serial, fields_length = _FIXED.unpack_from(

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
+import socket
 
 import pytest
 import trio
+import trio.testing
 from jeepney import DBusAddress, new_signal
+from jeepney.low_level import Parser
 
 from hiomapbridge import dbus as dbus_module
-from hiomapbridge.dbus import BusClosed, open_bus
+from hiomapbridge.dbus import Bus, BusClosed, open_bus
 from hiomapbridge.sim.privatebus import PrivateBus
 
 
@@ -37,3 +41,40 @@ async def test_a_bus_that_stops_reading_is_a_lost_bus(
             finally:
                 os.kill(dbus.process.pid, signal.SIGCONT)
     assert sent <= 256 * 1024 + 4 * 1024 * 1024  # the bound plus what the kernel took
+
+
+class RawConnection:
+    """What Bus takes from jeepney's connection, over one end of a
+    socketpair: the other end plays a bus gone wrong, sending bytes no
+    dbus-daemon would (it validates every message it routes)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+        self.parser = Parser()
+        self.unique_name = ":1.1"
+        self.outgoing_serial = itertools.count(1)
+
+
+async def test_an_unreadable_message_is_dropped_and_counted() -> None:
+    """A frame that neither our codec nor jeepney can read is logged,
+    counted and skipped; the messages around it are dispatched."""
+    ours, theirs = socket.socketpair()
+    good = new_signal(DBusAddress("/a", interface="b.c"), "D", "s", ("x",))
+    bad = bytearray(
+        new_signal(DBusAddress("/a", interface="b.c"), "D", "s", ("y",)).serialise(2)
+    )
+    bad[-6:-2] = b"\xff\xff\xff\x7f"  # the string's length runs off the end
+    seen: list[str] = []
+    with ours, theirs:
+        async with trio.open_nursery() as nursery:
+            bus = Bus(RawConnection(ours), nursery)
+            bus.on_signal("/a", "b.c", "D", lambda msg: seen.append(msg.body[0]))
+            nursery.start_soon(bus.run_receiver)
+            theirs.sendall(good.serialise(1) + bytes(bad) + good.serialise(3))
+            # The bytes are in our socket once sendall returns: when every
+            # task is blocked, the receiver has read and handled them all.
+            await trio.testing.wait_all_tasks_blocked()
+            assert seen == ["x", "x"]
+            assert bus.malformed.count == 1
+            nursery.cancel_scope.cancel()
+        bus.close_socket()

@@ -246,3 +246,23 @@ def test_return_template_matches_jeepney(
     template = wire.ReturnTemplate(destination, signature)
     packed = wire.pack_fixed(signature, body)
     assert template.build(serial, reply_serial, packed) == expected
+
+
+@given(
+    messages(),
+    serials,
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+)
+def test_parse_raises_only_malformed(
+    msg: Message, serial: int, flips: list[tuple[int, int]]
+) -> None:
+    """Whatever a frame holds, parse returns a message or raises Malformed:
+    the receiver drops such a frame and goes on (the framing still holds)."""
+    frame = bytearray(msg.serialise(serial))
+    for at, value in flips:
+        frame[at % len(frame)] = value
+    try:
+        parsed = wire.parse(bytes(frame))
+    except wire.Malformed:
+        return
+    assert isinstance(parsed, Message)
