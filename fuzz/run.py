@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-HARNESSES = ["fuzz_requests", "fuzz_fold"]
+HARNESSES = ["fuzz_requests", "fuzz_fold", "fuzz_wire"]
 DONE = re.compile(r"Done (\d+) runs in (\d+) second")
 STAT = re.compile(r"#(\d+)\s+\w+.*exec/s: (\d+)")
 
