@@ -8,15 +8,17 @@ properties, and every other entry is reported as ignored.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from hiomapbridge.events import PROPERTY_BITS, describe, fold
 
 try:
-    from fuzz.fuzz_requests import Input
+    from fuzz.fuzz_requests import Input, fuzz_main
 except ImportError:  # run as a script from fuzz/
-    from fuzz_requests import Input  # type: ignore[no-redef,import-not-found]
+    from fuzz_requests import (  # type: ignore[no-redef,import-not-found]
+        Input,
+        fuzz_main,
+    )
 
 NAMES = [*PROPERTY_BITS, "Bogus", "", "daemonready"]
 SIGS = ["b", "s", "y", "u", "v", "ab", "(b)", ""]
@@ -69,13 +71,5 @@ def test_one_input(data: bytes) -> None:
     describe(folded.byte)
 
 
-def main() -> None:
-    import atheris  # type: ignore[import-untyped]
-
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    fuzz_main(test_one_input)

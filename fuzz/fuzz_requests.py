@@ -10,6 +10,7 @@ must be one the wire reference allows.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from hiomapbridge.hiomap import (
@@ -90,13 +91,15 @@ def test_one_input(data: bytes) -> None:
     assert encode_error(name) in CCS
 
 
-def main() -> None:
+def fuzz_main(one_input: Callable[[bytes], None]) -> None:
+    """Run ``one_input`` under atheris with this process's arguments (every
+    harness's ``__main__``)."""
     import atheris  # type: ignore[import-untyped]
 
     atheris.instrument_all()
-    atheris.Setup(sys.argv, test_one_input)
+    atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()
 
 
 if __name__ == "__main__":
-    main()
+    fuzz_main(test_one_input)

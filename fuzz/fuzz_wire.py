@@ -9,8 +9,6 @@ decoder and jeepney's parser read the frame, they must agree.
 
 from __future__ import annotations
 
-import sys
-
 from jeepney import (
     DBusAddress,
     HeaderFields,
@@ -23,9 +21,12 @@ from jeepney import (
 from hiomapbridge import wire
 
 try:
-    from fuzz.fuzz_requests import Input
+    from fuzz.fuzz_requests import Input, fuzz_main
 except ImportError:  # run as a script from fuzz/
-    from fuzz_requests import Input  # type: ignore[no-redef,import-not-found]
+    from fuzz_requests import (  # type: ignore[no-redef,import-not-found]
+        Input,
+        fuzz_main,
+    )
 
 
 def _frames() -> list[bytes]:
@@ -94,13 +95,5 @@ def test_one_input(data: bytes) -> None:
         assert same(fast, reference), (buf.hex(), fast, reference)
 
 
-def main() -> None:
-    import atheris  # type: ignore[import-untyped]
-
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    fuzz_main(test_one_input)
