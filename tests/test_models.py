@@ -28,7 +28,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
+    initialize,
     invariant,
+    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -338,6 +340,8 @@ class QueueModel:
     woke: bool = False
     next_at: float = float("inf")
     sleep_until: float = float("inf")
+    deferred: bool = False  # setAttention calls stay in flight until finished
+    in_flight: bool = False
 
     @property
     def waiting(self) -> bool:
@@ -382,11 +386,25 @@ class QueueModel:
 
     def _loop(self) -> None:
         """What the SMS_ATN logic does once woken, until it sleeps again."""
+        if self.in_flight:
+            return  # a request stays due until the call in flight ends
         if self.due and self.waiting:
             self.attentions += 1
-            self.next_at = self.now + INTERVAL
+            if self.deferred:
+                self.in_flight = True
+                self.next_at = float("inf")  # the interval runs from the outcome
+            else:
+                self.next_at = self.now + INTERVAL
         self.due = False
         self.sleep_until = self.next_at if self.waiting else float("inf")
+
+    def finish_attention(self) -> None:
+        """The setAttention in flight ends (success or failure alike)."""
+        self.in_flight = False
+        self.next_at = self.now + INTERVAL
+        self.sleep_until = self.next_at if self.waiting else float("inf")
+        if self.due:
+            self._loop()
 
     def settle(self) -> None:
         if self.woke:
@@ -412,6 +430,8 @@ class QueueMachine(RuleBasedStateMachine):
         self.clock = trio.testing.MockClock()
         self.attention_calls = 0
         self.attention_fails = False
+        self.attention_deferred = False
+        self.in_flight: list[Callable[[BaseException | None], None]] = []
         self.waiters: list[tuple[int, list[bool]]] = []
         self._cm = trio_thread(self._setup, clock=self.clock)
         self.queue, self.portal = self._cm.__enter__()
@@ -420,7 +440,12 @@ class QueueMachine(RuleBasedStateMachine):
     async def _setup(self) -> AsyncIterator[HostQueue]:
         def set_attention(done: Callable[[BaseException | None], None]) -> None:
             self.attention_calls += 1
-            done(RuntimeError("btbridged said no") if self.attention_fails else None)
+            if self.attention_deferred:
+                self.in_flight.append(done)
+            else:
+                done(
+                    RuntimeError("btbridged said no") if self.attention_fails else None
+                )
 
         queue = HostQueue(set_attention, INTERVAL)
         async with trio.open_nursery() as nursery:
@@ -499,6 +524,25 @@ class QueueMachine(RuleBasedStateMachine):
     def attention_outcome(self, fails: bool) -> None:
         self.attention_fails = fails
 
+    @initialize(deferred=st.booleans())
+    def start(self, deferred: bool) -> None:
+        self.attention_in_flight(deferred)
+
+    @rule(deferred=st.booleans())
+    def attention_in_flight(self, deferred: bool) -> None:
+        """From now on setAttention calls stay in flight until finished
+        (a btbridged slow to answer), or complete at once."""
+        self.attention_deferred = self.model.deferred = deferred
+
+    @precondition(lambda self: bool(self.in_flight))
+    @rule(fails=st.booleans())
+    def finish_attention(self, fails: bool) -> None:
+        done = self.in_flight.pop(0)
+        self._do(
+            lambda: done(RuntimeError("btbridged said no") if fails else None),
+            self.model.finish_attention,
+        )
+
     @rule(ahead=st.integers(0, 2))
     def wait_delivered(self, ahead: int) -> None:
         generation = self.model.posted + ahead
@@ -533,6 +577,7 @@ class QueueMachine(RuleBasedStateMachine):
             model.attentions,
         )
         assert self.attention_calls == model.attentions
+        assert len(self.in_flight) == int(model.in_flight)  # one at a time
         for generation, done in self.waiters:
             # a completion fires exactly when its generation (or a newer one)
             # was delivered: never on fetch, never on a failed send
@@ -543,7 +588,7 @@ def test_host_queue_against_model() -> None:
     run_state_machine_as_test(
         QueueMachine,
         settings=settings(
-            max_examples=60,
+            max_examples=150,
             stateful_step_count=30,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
