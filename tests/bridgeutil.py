@@ -14,9 +14,11 @@ from contextlib import asynccontextmanager
 
 import attrs
 import trio
+from jeepney import DBusAddress, new_method_call
 
 from hiomapbridge import bridge
 from hiomapbridge.dbus import Bus, open_bus
+from hiomapbridge.ipmi import CMD_READ_EVENT_MESSAGE_BUFFER, NETFN_APP
 from hiomapbridge.sim.btbridged import BtBridge
 
 
@@ -89,3 +91,29 @@ async def run_btbridged(address: str, **options: object) -> AsyncIterator[BtBrid
 async def connect(address: str) -> AsyncIterator[Bus]:
     async with open_bus(address) as bus:
         yield bus
+
+
+async def settle(running: RunningBridge, address: str) -> None:
+    """Return once the bridge has dispatched every message the bus handed it
+    before now: a Peer.Ping from a fresh connection is answered after them
+    (the bus delivers to one connection in order)."""
+    async with connect(address) as bus:
+        with trio.fail_after(10):
+            await bus.call(
+                new_method_call(
+                    DBusAddress(
+                        "/",
+                        bus_name=running.bridge.bus.unique_name,
+                        interface="org.freedesktop.DBus.Peer",
+                    ),
+                    "Ping",
+                )
+            )
+
+
+async def drain_startup(bt: BtBridge, running: RunningBridge) -> None:
+    """Let the host fetch the event the bridge posts at start (0x81)."""
+    with trio.fail_after(5):
+        await bt.wait_attention()
+        await bt.transact(NETFN_APP, CMD_READ_EVENT_MESSAGE_BUFFER)
+        await running.bridge.queue.wait_all_delivered()

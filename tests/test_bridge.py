@@ -8,7 +8,7 @@ import signal
 import pytest
 import trio
 import trio.testing
-from jeepney import DBusAddress, new_method_call, new_signal
+from jeepney import DBusAddress, new_signal
 
 from hiomapbridge.bridge import HOSTIPMI_IFACE, HOSTIPMI_PATH
 from hiomapbridge.hiomap import (
@@ -21,29 +21,19 @@ from hiomapbridge.hiomap import (
 from hiomapbridge.ipmi import HEARTBEAT_RECORD, event_record
 from hiomapbridge.sim.btbridged import Response
 
-from .bridgeutil import RunningBridge, connect, run_bridge, run_btbridged
+from .bridgeutil import (
+    connect,
+    drain_startup,
+    run_bridge,
+    run_btbridged,
+    settle,
+)
 from .scripted_hiomapd import HANG, error, scripted_hiomapd
 
 GET_FLAGS = (0x06, 0x31)
 READ_EVENT = (0x06, 0x35)
 CLEAR_FLAGS = (0x06, 0x30)
 HIOMAP = (0x3A, 0x5A)
-
-
-async def settle(running: RunningBridge, address: str) -> None:
-    """Wait until the bridge has dispatched everything sent to it before:
-    a Peer.Ping from the same connection arrives after it, in order."""
-    async with connect(address) as bus:
-        await bus.call(
-            new_method_call(
-                DBusAddress(
-                    "/",
-                    bus_name=running.bridge.bus.unique_name,
-                    interface="org.freedesktop.DBus.Peer",
-                ),
-                "Ping",
-            )
-        )
 
 
 async def test_messaging_commands_idle(bus_address: str) -> None:
@@ -260,9 +250,7 @@ async def test_forged_signals_from_a_third_connection_are_ignored(
         run_bridge(bus_address) as running,
         connect(bus_address) as forger,
     ):
-        await bt.wait_attention()
-        await bt.transact(*READ_EVENT)
-        await running.bridge.queue.wait_all_delivered()
+        await drain_startup(bt, running)
         calls_before = len(hiomapd.calls)
         answered: list[object] = []
 

@@ -22,7 +22,7 @@ from hiomapbridge.ipmi import event_record
 from hiomapbridge.sim.btbridged import BtBridge, Response, requests
 from hiomapbridge.sim.hiomapd import run_emulator
 
-from .bridgeutil import RunningBridge, run_bridge, run_btbridged
+from .bridgeutil import drain_startup, run_bridge, run_btbridged
 
 GET_FLAGS = (0x06, 0x31)
 READ_EVENT = (0x06, 0x35)
@@ -32,13 +32,6 @@ DEADLINE = 0.5
 
 async def get_info(bt: BtBridge, seq: int) -> Response:
     return await bt.transact(*HIOMAP, pack_request(Command.GET_INFO, seq, b"\x02"))
-
-
-async def drain_startup(bt: BtBridge, running: RunningBridge) -> None:
-    with trio.fail_after(5):
-        await bt.wait_attention()
-        await bt.transact(*READ_EVENT)
-        await running.bridge.queue.wait_all_delivered()
 
 
 async def test_hiomapd_never_replies_cc_c3_inside_the_deadline(

@@ -30,30 +30,18 @@ from hiomapbridge.ipmi import event_record
 from hiomapbridge.sim.privatebus import SYSTEM_REPLY_POLICY, private_bus
 from hiomapbridge.sim.process import python_command, run_service
 
-from .bridgeutil import RunningBridge, connect, run_bridge, run_btbridged
+from .bridgeutil import (
+    connect,
+    drain_startup,
+    run_bridge,
+    run_btbridged,
+    settle,
+)
 from .scripted_hiomapd import HANG, scripted_hiomapd
 
 GET_FLAGS = (0x06, 0x31)
 READ_EVENT = (0x06, 0x35)
 HIOMAP = (0x3A, 0x5A)
-
-
-async def settle(running: RunningBridge, address: str) -> None:
-    """Everything sent before has been dispatched by the bridge (a Peer.Ping
-    from a fresh connection is answered after the bridge read all of it:
-    the bus delivers to one connection in order)."""
-    async with connect(address) as bus:
-        with trio.fail_after(10):
-            await bus.call(_ping(running.bridge.bus.unique_name))
-
-
-def _ping(destination: str) -> Message:
-    from jeepney import new_method_call
-
-    return new_method_call(
-        DBusAddress("/", bus_name=destination, interface="org.freedesktop.DBus.Peer"),
-        "Ping",
-    )
 
 
 def spy(bus: Bus) -> list[Message]:
@@ -105,9 +93,7 @@ async def test_bus_stamps_the_sender_a_forged_sender_field_is_overwritten(
         run_bridge(bus_address) as running,
         connect(bus_address) as forger,
     ):
-        await bt.wait_attention()
-        await bt.transact(*READ_EVENT)
-        await running.bridge.queue.wait_all_delivered()
+        await drain_startup(bt, running)
         seen = spy(running.bridge.bus)
         calls_before = len(hiomapd.calls)
         bt_name = running.bridge.btbridged.owner

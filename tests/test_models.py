@@ -39,7 +39,7 @@ from hiomapbridge.hostq import Fetch, HostQueue
 from hiomapbridge.ipmi import HEARTBEAT_RECORD, event_record
 from hiomapbridge.sim.btbridged import BtBridge, Response
 
-from .bridgeutil import RunningBridge, run_bridge, run_btbridged
+from .bridgeutil import RunningBridge, drain_startup, run_bridge, run_btbridged
 from .scripted_hiomapd import Reply, ScriptedHiomapd, scripted_hiomapd
 
 T = TypeVar("T")
@@ -258,10 +258,7 @@ def request_stack(
             run_btbridged(address, timeout=3.0) as bt,
             run_bridge(address, hiomapd_timeout=2.0) as running,
         ):
-            with trio.fail_after(10):
-                await bt.wait_attention()
-                await bt.transact(0x06, 0x35)  # the start-up event (0x81)
-                await running.bridge.queue.wait_all_delivered()
+            await drain_startup(bt, running)
             yield Stack(hiomapd, bt, running)
 
     return setup

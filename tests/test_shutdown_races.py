@@ -29,7 +29,6 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from jeepney import DBusAddress, new_method_call
 
 from hiomapbridge.bridge import Bridge
 from hiomapbridge.hiomap import Command, pack_request
@@ -41,7 +40,7 @@ from hiomapbridge.sim.host import DAEMON_READY, PROTOCOL_RESET, run_host
 from hiomapbridge.sim.privatebus import PrivateBus
 from hiomapbridge.sim.process import Service, python_command, run_service
 
-from .bridgeutil import RunningBridge, connect, run_bridge, run_btbridged
+from .bridgeutil import RunningBridge, connect, run_bridge, run_btbridged, settle
 from .scripted_hiomapd import HANG, scripted_hiomapd
 
 GET_FLAGS = (0x06, 0x31)
@@ -74,22 +73,6 @@ class IpmidBridge(Bridge):
 
 
 # -- helpers ---------------------------------------------------------------
-
-
-async def settle(running: RunningBridge, address: str) -> None:
-    """Return once the bridge has dispatched every message the bus handed it
-    before now: a Peer.Ping queued behind them is answered in order."""
-    async with connect(address) as bus:
-        await bus.call(
-            new_method_call(
-                DBusAddress(
-                    "/",
-                    bus_name=running.bridge.bus.unique_name,
-                    interface="org.freedesktop.DBus.Peer",
-                ),
-                "Ping",
-            )
-        )
 
 
 async def eventually(condition: Callable[[], bool]) -> None:
