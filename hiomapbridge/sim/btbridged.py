@@ -45,7 +45,7 @@ import trio
 from jeepney import HeaderFields, Message
 
 from hiomapbridge import wire
-from hiomapbridge.dbus import Bus, BusClosed, open_bus, resolve_bus
+from hiomapbridge.dbus import Bus, BusClosed, open_bus
 from hiomapbridge.ipmi import (
     HOSTIPMI_IFACE,
     HOSTIPMI_PATH,
@@ -747,13 +747,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hiomapbridge.systemd import setup_logging
+    from .cli import start
 
-    setup_logging(args.log_level, "btbridged-sim")
-    try:
-        address = resolve_bus(args.bus)
-    except ValueError as exc:
-        log.error("%s", exc)
+    address = start(args, "btbridged-sim")
+    if address is None:
         return 2
     return trio.run(_main, address, args)
 

@@ -7,10 +7,27 @@ Subcommands are contributed by the simulator modules (each has an
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
 from .. import __version__
+from ..dbus import resolve_bus
+from ..systemd import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def start(args: argparse.Namespace, name: str) -> str | None:
+    """What every subcommand does first: logging as ``name`` at
+    ``--log-level``, then the address ``--bus`` names (None once the reason
+    it is unusable is logged: exit with status 2)."""
+    setup_logging(args.log_level, name)
+    try:
+        return resolve_bus(args.bus)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,11 +43,11 @@ import attrs
 import trio
 from jeepney import DBusAddress, HeaderFields, Message, new_signal
 
-from hiomapbridge.dbus import Bus, BusClosed, open_bus, resolve_bus
+from hiomapbridge.dbus import Bus, BusClosed, open_bus
 from hiomapbridge.events import describe
 from hiomapbridge.hiomap import HIOMAPD_PATH, HIOMAPD_SERVICE, IFACE_PROTOCOL, IFACE_V2
 from hiomapbridge.sim.hiomapd_core import Config, Hiomapd, HiomapdError, WindowInfo
-from hiomapbridge.systemd import notify, setup_logging
+from hiomapbridge.systemd import notify
 
 __all__ = [
     "IFACE_CONTROL",
@@ -760,9 +760,12 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the emulator until SIGTERM/SIGINT, then exit cleanly (status 0)."""
-    setup_logging(args.log_level, "hiomapd-sim")
+    from .cli import start
+
+    address = start(args, "hiomapd-sim")
+    if address is None:
+        return 2
     try:
-        address = resolve_bus(args.bus)
         config = Config(
             flash_path=args.flash,
             lpc_path=args.lpc,

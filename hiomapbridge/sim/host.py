@@ -54,7 +54,7 @@ from typing import Any, Final, Literal
 import attrs
 import trio
 
-from hiomapbridge.dbus import open_bus, resolve_bus
+from hiomapbridge.dbus import open_bus
 from hiomapbridge.hiomap import (
     Command,
     InfoV1,
@@ -593,13 +593,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hiomapbridge.systemd import setup_logging
+    from .cli import start
 
-    setup_logging(args.log_level, "host-sim")
-    try:
-        address = resolve_bus(args.bus)
-    except ValueError as exc:
-        log.error("%s", exc)
+    address = start(args, "host-sim")
+    if address is None:
         return 2
     try:
         return trio.run(_main, address, args)
