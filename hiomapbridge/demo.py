@@ -485,16 +485,27 @@ class Demo:
             ),
         )
 
+    async def _stop_hiomapd(
+        self, hiomapd: Service, signum: signal.Signals, title: str
+    ) -> None:
+        """Open a scenario's last act: its title, t0, ``signum`` to hiomapd,
+        and hiomapd's exit."""
+        self.say()
+        self.say(f"== {title} ==")
+        self.t0 = trio.current_time()
+        hiomapd.signal(signum)
+        self.mark("demo", f"{signum.name} -> hiomapd (pid {hiomapd.process.pid})")
+        with trio.fail_after(15):
+            self.hiomapd_status = await hiomapd.wait()
+
     async def _shutdown_clean(
         self, host: Host, hiomapd: Service, bridge: Service
     ) -> None:
-        self.say()
-        self.say("== shutdown in systemd order: SIGTERM hiomapd, then the bridge ==")
-        self.t0 = trio.current_time()
-        hiomapd.signal(signal.SIGTERM)
-        self.mark("demo", f"SIGTERM -> hiomapd (pid {hiomapd.process.pid})")
-        with trio.fail_after(15):
-            self.hiomapd_status = await hiomapd.wait()
+        await self._stop_hiomapd(
+            hiomapd,
+            signal.SIGTERM,
+            "shutdown in systemd order: SIGTERM hiomapd, then the bridge",
+        )
         bridge.signal(signal.SIGTERM)
         term_bridge = trio.current_time()
         self.mark("demo", f"SIGTERM -> hiomapbridge (pid {bridge.process.pid})")
@@ -531,13 +542,11 @@ class Demo:
     async def _shutdown_crash(
         self, host: Host, hiomapd: Service, bridge: Service
     ) -> None:
-        self.say()
-        self.say("== crash: SIGKILL hiomapd; the bridge must tell the host ==")
-        self.t0 = trio.current_time()
-        hiomapd.signal(signal.SIGKILL)
-        self.mark("demo", f"SIGKILL -> hiomapd (pid {hiomapd.process.pid})")
-        with trio.fail_after(15):
-            self.hiomapd_status = await hiomapd.wait()
+        await self._stop_hiomapd(
+            hiomapd,
+            signal.SIGKILL,
+            "crash: SIGKILL hiomapd; the bridge must tell the host",
+        )
         t0 = self.t0
         with trio.move_on_after(10):
             await host.wait_until(lambda: _first_reset(host, t0) is not None)
