@@ -35,7 +35,7 @@ import trio
 from jeepney import DBusAddress, HeaderFields, MatchRule, Message, new_method_call
 
 from . import systemd, wire
-from .dbus import Bus, BusClosed, DBusError, NameOwner, open_bus, sender_of
+from .dbus import Bus, BusClosed, DBusError, NameOwner, open_bus
 from .events import Event, describe, fold
 from .hiomap import (
     HIOMAPD_PATH,
@@ -239,17 +239,25 @@ class Bridge:
             self.bus.call_nowait(msg, got, self.config.hiomapd_timeout)
             await done.wait()
 
+    def _accepted(
+        self, msg: Message, peer: NameOwner, who: str, signature: str
+    ) -> bool:
+        """A signal counts only from ``peer``'s current owner and with the
+        expected signature; anything else is counted and logged."""
+        fields = msg.header.fields
+        sender = fields.get(HeaderFields.sender)
+        if sender is None or sender != peer.owner:
+            member = fields.get(HeaderFields.member)
+            self.forged("ignored %s from %s: %s is %s", member, sender, who, peer.owner)
+            return False
+        if fields.get(HeaderFields.signature) != signature:
+            member = fields.get(HeaderFields.member)
+            self.rejected_signals("ignored %s with a bad signature", member)
+            return False
+        return True
+
     def _properties(self, msg: Message) -> None:
-        sender = sender_of(msg)
-        if sender is None or sender != self.hiomapd.owner:
-            self.forged(
-                "ignored PropertiesChanged from %s: hiomapd is %s",
-                sender,
-                self.hiomapd.owner,
-            )
-            return
-        if msg.header.fields.get(HeaderFields.signature) != "sa{sv}as":
-            self.rejected_signals("ignored PropertiesChanged with a bad signature")
+        if not self._accepted(msg, self.hiomapd, "hiomapd", "sa{sv}as"):
             return
         interface, changed, _invalidated = msg.body
         if interface != IFACE_V2:
@@ -285,17 +293,9 @@ class Bridge:
             self.queue.kick()
 
     def _received(self, msg: Message) -> None:
-        sender = sender_of(msg)
-        if sender is None or sender != self.btbridged.owner:
-            self.forged(
-                "ignored ReceivedMessage from %s: btbridged is %s",
-                sender,
-                self.btbridged.owner,
-            )
+        if not self._accepted(msg, self.btbridged, "btbridged", "yyyyay"):
             return
-        if msg.header.fields.get(HeaderFields.signature) != "yyyyay":
-            self.rejected_signals("ignored ReceivedMessage with a bad signature")
-            return
+        sender = msg.header.fields[HeaderFields.sender]
         seq, netfn, lun, cmd, data = msg.body
         req = HostRequest(
             sender,
