@@ -18,8 +18,21 @@ from jeepney import DBusAddress, new_method_call
 
 from hiomapbridge import bridge
 from hiomapbridge.dbus import Bus, open_bus
-from hiomapbridge.ipmi import CMD_READ_EVENT_MESSAGE_BUFFER, NETFN_APP
+from hiomapbridge.ipmi import (
+    CMD_CLEAR_MESSAGE_FLAGS,
+    CMD_GET_MESSAGE_FLAGS,
+    CMD_HIOMAP,
+    CMD_READ_EVENT_MESSAGE_BUFFER,
+    NETFN_APP,
+    NETFN_OEM_IBM,
+)
 from hiomapbridge.sim.btbridged import BtBridge
+
+#: (netfn, cmd) of the host requests the tests send: ``bt.transact(*HIOMAP, data)``
+GET_FLAGS = (NETFN_APP, CMD_GET_MESSAGE_FLAGS)
+CLEAR_FLAGS = (NETFN_APP, CMD_CLEAR_MESSAGE_FLAGS)
+READ_EVENT = (NETFN_APP, CMD_READ_EVENT_MESSAGE_BUFFER)
+HIOMAP = (NETFN_OEM_IBM, CMD_HIOMAP)
 
 
 @attrs.define
@@ -115,5 +128,5 @@ async def drain_startup(bt: BtBridge, running: RunningBridge) -> None:
     """Let the host fetch the event the bridge posts at start (0x81)."""
     with trio.fail_after(5):
         await bt.wait_attention()
-        await bt.transact(NETFN_APP, CMD_READ_EVENT_MESSAGE_BUFFER)
+        await bt.transact(*READ_EVENT)
         await running.bridge.queue.wait_all_delivered()

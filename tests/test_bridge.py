@@ -22,6 +22,10 @@ from hiomapbridge.ipmi import HEARTBEAT_RECORD, event_record
 from hiomapbridge.sim.btbridged import Response
 
 from .bridgeutil import (
+    CLEAR_FLAGS,
+    GET_FLAGS,
+    HIOMAP,
+    READ_EVENT,
     connect,
     drain_startup,
     run_bridge,
@@ -29,11 +33,6 @@ from .bridgeutil import (
     settle,
 )
 from .scripted_hiomapd import HANG, error, scripted_hiomapd
-
-GET_FLAGS = (0x06, 0x31)
-READ_EVENT = (0x06, 0x35)
-CLEAR_FLAGS = (0x06, 0x30)
-HIOMAP = (0x3A, 0x5A)
 
 
 async def test_messaging_commands_idle(bus_address: str) -> None:

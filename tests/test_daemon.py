@@ -18,10 +18,8 @@ from hiomapbridge.ipmi import event_record
 from hiomapbridge.sim.privatebus import PrivateBus
 from hiomapbridge.sim.process import python_command, run_service
 
-from .bridgeutil import run_btbridged
+from .bridgeutil import READ_EVENT, run_btbridged
 from .scripted_hiomapd import scripted_hiomapd
-
-READ_EVENT = (0x06, 0x35)
 
 
 def bridge_argv(address: str, *extra: str) -> list[str]:

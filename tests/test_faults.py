@@ -22,11 +22,15 @@ from hiomapbridge.ipmi import event_record
 from hiomapbridge.sim.btbridged import BtBridge, Response, requests
 from hiomapbridge.sim.hiomapd import run_emulator
 
-from .bridgeutil import drain_startup, run_bridge, run_btbridged
+from .bridgeutil import (
+    GET_FLAGS,
+    HIOMAP,
+    READ_EVENT,
+    drain_startup,
+    run_bridge,
+    run_btbridged,
+)
 
-GET_FLAGS = (0x06, 0x31)
-READ_EVENT = (0x06, 0x35)
-HIOMAP = (0x3A, 0x5A)
 DEADLINE = 0.5
 
 

@@ -31,6 +31,9 @@ from hiomapbridge.sim.privatebus import SYSTEM_REPLY_POLICY, private_bus
 from hiomapbridge.sim.process import python_command, run_service
 
 from .bridgeutil import (
+    GET_FLAGS,
+    HIOMAP,
+    READ_EVENT,
     connect,
     drain_startup,
     run_bridge,
@@ -38,10 +41,6 @@ from .bridgeutil import (
     settle,
 )
 from .scripted_hiomapd import HANG, scripted_hiomapd
-
-GET_FLAGS = (0x06, 0x31)
-READ_EVENT = (0x06, 0x35)
-HIOMAP = (0x3A, 0x5A)
 
 
 def spy(bus: Bus) -> list[Message]:

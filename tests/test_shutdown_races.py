@@ -40,12 +40,18 @@ from hiomapbridge.sim.host import DAEMON_READY, PROTOCOL_RESET, run_host
 from hiomapbridge.sim.privatebus import PrivateBus
 from hiomapbridge.sim.process import Service, python_command, run_service
 
-from .bridgeutil import RunningBridge, connect, run_bridge, run_btbridged, settle
+from .bridgeutil import (
+    GET_FLAGS,
+    HIOMAP,
+    READ_EVENT,
+    RunningBridge,
+    connect,
+    run_bridge,
+    run_btbridged,
+    settle,
+)
 from .scripted_hiomapd import HANG, scripted_hiomapd
 
-GET_FLAGS = (0x06, 0x31)
-READ_EVENT = (0x06, 0x35)
-HIOMAP = (0x3A, 0x5A)
 is_read_event = requests(*READ_EVENT)
 
 RESET_RECORD = event_record(0x01)
