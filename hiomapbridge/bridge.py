@@ -1,24 +1,30 @@
-"""The daemon: one nursery composing the host side, hiomapd and shutdown.
+"""The daemon's core: one nursery composing the host link, hiomapd, ipmid
+and the shutdown sequence.
 
-Everything on the hot path runs synchronously in the bus receiver, in wire
-order (see dbus.py): a ``ReceivedMessage`` is checked and decoded there;
-messaging commands (Get/Clear Message Flags, Read Event Message Buffer) and
-unknown commands are answered on the spot, so never behind a HIOMAP request
-waiting on hiomapd; a HIOMAP request goes straight on to hiomapd as a call
-whose reply (or deadline) is a callback that sends the response and starts
-the next queued request.  So HIOMAP requests reach hiomapd strictly one at a time, in
-arrival order, without a task switch per command.  The tasks (inside
+The core owns every rule; a host link (:mod:`hiomapbridge.hostlink`) only
+moves bytes.  Everything on the hot path runs synchronously, in arrival
+order, in whatever task read the request (the bus receiver for btbridged,
+the BT reader for ``bt:``): messaging commands (Get/Clear Message Flags,
+Read Event Message Buffer) and Get BT Interface Capabilities are answered
+on the spot; anything else is answered cc 0xC1 (btbridged mode) or handed
+to ipmid's ``execute`` (``bt:`` mode, :mod:`hiomapbridge.forward`) as a
+call whose reply is a callback; a HIOMAP request goes straight on to
+hiomapd as a call whose reply (or deadline) is a callback that sends the
+response and starts the next queued request.  So HIOMAP requests reach
+hiomapd strictly one at a time, in arrival order, without a task switch per
+command, and nothing waits behind anything else.  The tasks (inside
 ``open_bus``, so the bus outlives every task that uses it)::
 
     bridge nursery
+     ├ host link          its reader (and writer) tasks, if any
      ├ hiomapd watcher    GetAll whenever hiomapd gains an owner
      ├ SMS_ATN timer      HostQueue.run_attention (re-assertion; the first
-     │                    setAttention goes out from the receiver)
+     │                    SMS_ATN goes out from whatever posted the event)
      ├ log flusher        counts behind rate-limited log lines
      └ watchdog           WATCHDOG=1 when systemd asks for it
 
 Callbacks never block: responses are written with one non-blocking send
-(queued in dbus.py only while the socket is full), and the HIOMAP queue is
+(queued by the link only while the medium is full), and the HIOMAP queue is
 bounded (overflow is answered NODE_BUSY, counted and logged).  The shutdown
 sequence runs in :func:`run`.
 """
@@ -34,9 +40,10 @@ import attrs
 import trio
 from jeepney import DBusAddress, HeaderFields, MatchRule, Message, new_method_call
 
-from . import systemd, wire
-from .dbus import Bus, BusClosed, DBusError, NameOwner, open_bus
+from . import bt, systemd, wire
+from .dbus import Bus, BusClosed, DBusError, NameOwner, SignalGuard, open_bus
 from .events import Event, describe, fold
+from .forward import DEFAULT_CHANNEL, Forwarder
 from .hiomap import (
     HIOMAPD_PATH,
     HIOMAPD_SERVICE,
@@ -47,20 +54,24 @@ from .hiomap import (
     encode_error,
     encode_reply,
 )
-from .hostq import Fetch, HostQueue
+from .hostlink import HostLink, HostLinkError, HostRequest, Outcome
+from .hostq import HostQueue
 from .ipmi import (
     CMD_CLEAR_MESSAGE_FLAGS,
+    CMD_GET_BT_CAPABILITIES,
     CMD_GET_MESSAGE_FLAGS,
     CMD_HIOMAP,
     CMD_READ_EVENT_MESSAGE_BUFFER,
     HOSTIPMI_IFACE,
     HOSTIPMI_PATH,
     HOSTIPMI_SERVICE,
+    MESSAGE_FLAG_EVENT_BUFFER_FULL,
     NETFN_APP,
     NETFN_OEM_IBM,
     CompletionCode,
-    response_netfn,
 )
+from .link_bt import BtLink
+from .link_btbridged import BtbridgedLink
 from .ratelimit import RateLimitedLog
 
 log = logging.getLogger("hiomapbridge")
@@ -74,43 +85,32 @@ DAEMON_READY = int(Event.DAEMON_READY)
 #: request in flight; anything deeper is a misbehaving peer, answered
 #: NODE_BUSY at once.
 HIOMAP_BACKLOG = 64
-#: How long btbridged may take to accept a response (it gives up on the
-#: host after 5 s itself).
-SEND_REPLY_WITHIN = 5.0
-#: A response sent this long or longer after the bridge read its request
-#: asks for btbridged's reply, so that a refusal (btbridged already timed the
-#: request out: after 1 s in btbridged.c, 5 s per the wire reference) is
-#: logged.  A quicker one is sent NO_REPLY_EXPECTED: its request could only
-#: have timed out after waiting ~0.75 s in the bus, and waking up for the
-#: reply was a third of the bridge's CPU per command.  Event records always
-#: ask: their reply is the delivery.
-CONFIRM_RESPONSES_AFTER = 0.25
 
 
 @attrs.frozen
 class Config:
+    """What the daemon runs with; :mod:`hiomapbridge.timing` says which
+    combinations of deadlines the host's own timeouts allow."""
+
     bus: str = "system"
-    hiomapd_timeout: float = 4.0
+    #: ``btbridged`` or ``bt:PATH`` (the BT device, or the unix-socket seam).
+    host: str = "btbridged"
+    hiomapd_timeout: float = 2.5
+    ipmid_timeout: float = 2.5
+    #: Advertised in Get BT Interface Capabilities: the host times a request
+    #: out (and retries it) after this many whole seconds.
+    bt_transaction_time: int = 3
+    ipmi_channel: str = DEFAULT_CHANNEL
     atn_interval: float = 3.0
     shutdown_timeout: float = 5.0
     reject_unknown: bool = True
 
-
-@attrs.frozen
-class HostRequest:
-    """One ``ReceivedMessage`` from the current btbridged."""
-
-    sender: str
-    path: str
-    seq: int
-    netfn: int
-    lun: int
-    cmd: int
-    data: bytes
-    received: float  # trio.current_time() when the signal was dispatched
-
-    def describe(self) -> str:
-        return f"seq={self.seq} netfn={self.netfn:#04x} cmd={self.cmd:#04x}"
+    @property
+    def bt_path(self) -> str | None:
+        """PATH of ``bt:PATH``, or None in btbridged mode."""
+        if self.host.startswith("bt:"):
+            return self.host[3:]
+        return None
 
 
 @attrs.define
@@ -130,45 +130,54 @@ class Bridge:
     def __init__(self, bus: Bus, config: Config) -> None:
         self.bus = bus
         self.config = config
+        self.guard = SignalGuard(log)
+        self.forged = self.guard.forged
+        self.rejected_signals = self.guard.rejected
+        path = config.bt_path
+        self.link: HostLink
+        self.forwarder: Forwarder | None = None
+        if path is None:
+            self.link = BtbridgedLink(bus, self.guard)
+        else:
+            self.link = BtLink(path)
+            self.forwarder = Forwarder(
+                bus, config.ipmi_channel, config.ipmid_timeout, self._ipmid_attention
+            )
         self.queue = self.queue_class(self._start_attention, config.atn_interval)
         self.dispatcher = Dispatcher()
-        self.btbridged = NameOwner(HOSTIPMI_SERVICE, self._btbridged_changed)
         self.hiomapd = NameOwner(HIOMAPD_SERVICE, self._hiomapd_changed)
         self.events = 0  # the event byte as hiomapd last told us
         self.shutting_down = False
         self.stats = Stats()
-        self.forged = RateLimitedLog(log, logging.WARNING)
-        self.rejected_signals = RateLimitedLog(log, logging.WARNING)
         self.overflow = RateLimitedLog(log, logging.WARNING)
+        self.oversized = RateLimitedLog(log, logging.WARNING)
+        self._capabilities = bt.capabilities(config.bt_transaction_time)
         self._hiomap_backlog: deque[HostRequest] = deque()
         self._hiomap_busy = False
         self._hiomapd_templates: dict[tuple[str, str], wire.CallTemplate] = {}
-        self._send_templates: dict[tuple[str, str], wire.CallTemplate] = {}
         self._refresh_wanted = trio.Event()
         self._state_read = trio.Event()
-        self._set_attention_call = wire.CallTemplate(
-            HOSTIPMI_SERVICE, HOSTIPMI_PATH, HOSTIPMI_IFACE, "setAttention"
-        )
+
+    @property
+    def btbridged(self) -> NameOwner:
+        """Who owns ``org.openbmc.HostIpmi`` (btbridged mode only)."""
+        if not isinstance(self.link, BtbridgedLink):
+            raise AttributeError("no btbridged in bt: mode")
+        return self.link.owner
 
     # -- start-up ----------------------------------------------------------
 
     async def start(self, nursery: trio.Nursery) -> None:
-        """Subscribe, learn the peers and hiomapd's state, start the tasks.
+        """Subscribe, open the host link, learn the peers and hiomapd's
+        state, start the tasks.
 
-        Returns when the daemon is ready to be announced READY=1.
+        Returns when the daemon is ready to be announced READY=1 (which
+        does not wait for a ``bt:`` socket's host to connect).  Raises
+        :class:`HostLinkError` if the host link cannot be used.
         """
         bus = self.bus
-        bus.on_signal(HOSTIPMI_PATH, HOSTIPMI_IFACE, "ReceivedMessage", self._received)
         bus.on_signal(
             HIOMAPD_PATH, PROPERTIES_IFACE, "PropertiesChanged", self._properties
-        )
-        await bus.add_match(
-            MatchRule(
-                type="signal",
-                interface=HOSTIPMI_IFACE,
-                member="ReceivedMessage",
-                path=HOSTIPMI_PATH,
-            )
         )
         rule = MatchRule(
             type="signal",
@@ -178,7 +187,9 @@ class Bridge:
         )
         rule.add_arg_condition(0, IFACE_V2)
         await bus.add_match(rule)
-        await self.btbridged.start(bus)
+        await self.link.start(nursery, self._received, self._host_connected)
+        if self.forwarder is not None:
+            await self.forwarder.start()
         await self.hiomapd.start(bus)
         nursery.start_soon(self.queue.run_attention)
         nursery.start_soon(self._hiomapd_watcher)
@@ -190,6 +201,12 @@ class Bridge:
             log.info("hiomapd is not running; waiting for it to appear")
         else:
             await self._state_read.wait()
+
+    def describe_peers(self) -> str:
+        peers = [self.link.peer(), f"hiomapd {self.hiomapd.owner or '(absent)'}"]
+        if self.forwarder is not None:
+            peers.append(f"ipmid {self.forwarder.ipmid.owner or '(absent)'}")
+        return ", ".join(peers)
 
     # -- hiomapd state -----------------------------------------------------
 
@@ -239,25 +256,8 @@ class Bridge:
             self.bus.call_nowait(msg, got, self.config.hiomapd_timeout)
             await done.wait()
 
-    def _accepted(
-        self, msg: Message, peer: NameOwner, who: str, signature: str
-    ) -> bool:
-        """A signal counts only from ``peer``'s current owner and with the
-        expected signature; anything else is counted and logged."""
-        fields = msg.header.fields
-        sender = fields.get(HeaderFields.sender)
-        if sender is None or sender != peer.owner:
-            member = fields.get(HeaderFields.member)
-            self.forged("ignored %s from %s: %s is %s", member, sender, who, peer.owner)
-            return False
-        if fields.get(HeaderFields.signature) != signature:
-            member = fields.get(HeaderFields.member)
-            self.rejected_signals("ignored %s with a bad signature", member)
-            return False
-        return True
-
     def _properties(self, msg: Message) -> None:
-        if not self._accepted(msg, self.hiomapd, "hiomapd", "sa{sv}as"):
+        if not self.guard.accepted(msg, self.hiomapd, "hiomapd", "sa{sv}as"):
             return
         interface, changed, _invalidated = msg.body
         if interface != IFACE_V2:
@@ -286,88 +286,107 @@ class Bridge:
 
     # -- host side ---------------------------------------------------------
 
-    def _btbridged_changed(self, old: str | None, new: str | None) -> None:
-        if new is not None and old is not None:
-            log.info("btbridged restarted; re-announcing any waiting event")
-        if new is not None:
-            self.queue.kick()
+    def _host_connected(self) -> None:
+        """A (new) host peer: announce again whatever waits for it."""
+        self.queue.kick()
+        if self.forwarder is not None and self.forwarder.event_waiting:
+            self._ipmid_attention()
 
-    def _received(self, msg: Message) -> None:
-        if not self._accepted(msg, self.btbridged, "btbridged", "yyyyay"):
-            return
-        sender = msg.header.fields[HeaderFields.sender]
-        seq, netfn, lun, cmd, data = msg.body
-        req = HostRequest(
-            sender,
-            msg.header.fields[HeaderFields.path],
-            seq,
-            netfn,
-            lun,
-            cmd,
-            data,
-            trio.current_time(),
-        )
+    def _received(self, req: HostRequest) -> None:
+        """One host request: the responder table."""
         self.stats.requests += 1
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("host request %s data=%s", req.describe(), data.hex())
+            log.debug("host request %s data=%s", req.describe(), req.data.hex())
+        netfn, cmd = req.netfn, req.cmd
         if netfn == NETFN_OEM_IBM and cmd == CMD_HIOMAP:
             self._hiomap_request(req)
-        elif netfn == NETFN_APP and cmd == CMD_GET_MESSAGE_FLAGS:
-            self._respond(req, 0, bytes([self.queue.message_flags()]))
-        elif netfn == NETFN_APP and cmd == CMD_CLEAR_MESSAGE_FLAGS:
+        elif netfn != NETFN_APP:
+            self._not_ours(req)
+        elif cmd == CMD_GET_MESSAGE_FLAGS:
+            self._respond(req, 0, bytes([self._message_flags()]))
+        elif cmd == CMD_READ_EVENT_MESSAGE_BUFFER:
+            self._read_event(req)
+        elif cmd == CMD_CLEAR_MESSAGE_FLAGS:
             self._respond(req, 0)
-        elif netfn == NETFN_APP and cmd == CMD_READ_EVENT_MESSAGE_BUFFER:
-            fetch = self.queue.fetch()
-            self._respond(req, 0, fetch.record, fetch)
+        elif cmd == CMD_GET_BT_CAPABILITIES:
+            self._respond(req, 0, self._capabilities)
+        else:
+            self._not_ours(req)
+
+    def _message_flags(self) -> int:
+        """Event Message Buffer Full while the bridge's event or ipmid's waits."""
+        flags = self.queue.message_flags()
+        if self.forwarder is not None and self.forwarder.event_waiting:
+            flags |= MESSAGE_FLAG_EVENT_BUFFER_FULL
+        return flags
+
+    def _read_event(self, req: HostRequest) -> None:
+        """The bridge's HIOMAP event first; otherwise ipmid's queue (bt:
+        mode), or a heartbeat record."""
+        if self.forwarder is not None and not self.queue.waiting:
+            self._forward(req)
+            return
+        fetch = self.queue.fetch()
+        if not fetch.generation:  # a heartbeat: nothing to complete
+            self._respond(req, 0, fetch.record)
+            return
+
+        def outcome(failed: BaseException | None) -> None:
+            if failed is not None:
+                self.queue.failed(fetch, repr(failed))
+                return
+            self.queue.delivered(fetch)
+            if self.forwarder is not None and self.forwarder.event_waiting:
+                self._ipmid_attention()  # one Read Event per SMS_ATN
+
+        self._respond(req, 0, fetch.record, outcome)
+
+    def _not_ours(self, req: HostRequest) -> None:
+        if self.forwarder is not None:
+            self._forward(req)
         elif self.config.reject_unknown:
             self._respond(req, CompletionCode.INVALID_COMMAND)
         else:
             log.debug("not answering %s (--no-reject-unknown)", req.describe())
 
+    def _forward(self, req: HostRequest) -> None:
+        assert self.forwarder is not None
+
+        def answer(cc: int, data: bytes) -> None:
+            self._respond(req, cc, data)
+
+        self.forwarder.forward(req, answer)
+
     def _respond(
-        self, req: HostRequest, cc: int, data: bytes = b"", fetch: Fetch | None = None
+        self,
+        req: HostRequest,
+        cc: int,
+        data: bytes = b"",
+        on_outcome: Outcome | None = None,
     ) -> None:
-        """Send the response with ``sendMessage``; do not wait for the reply
-        (a stalled btbridged must not stall us), but learn its outcome when
-        it matters: for an event record (the delivery) and for a response
-        late enough that btbridged may have given up on the request (see
-        :data:`CONFIRM_RESPONSES_AFTER`)."""
-        key = (req.sender, req.path)
-        template = self._send_templates.get(key)
-        if template is None:
-            if len(self._send_templates) >= 8:  # owners come and go: stay small
-                self._send_templates.clear()
-            template = self._send_templates[key] = wire.CallTemplate(
-                req.sender, req.path, HOSTIPMI_IFACE, "sendMessage", "yyyyyay"
+        if len(data) > bt.MAX_RESPONSE_DATA:
+            self.oversized(
+                "response to %s has %d data bytes, more than the 64-byte BT FIFO "
+                "carries (%d): answered cc 0xCA instead",
+                req.describe(),
+                len(data),
+                bt.MAX_RESPONSE_DATA,
             )
+            cc, data = CompletionCode.CANNOT_RETURN_DATA, b""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("response %s cc=%#04x data=%s", req.describe(), cc, data.hex())
+        self.link.respond(req, cc, data, on_outcome)
 
-        def outcome(reply: Message | Exception) -> None:
-            if not isinstance(reply, Exception):
-                if fetch is not None:
-                    self.queue.delivered(fetch)
-                return
-            if fetch is not None:
-                self.queue.failed(fetch, f"sendMessage: {reply!r}")
-            else:
-                log.warning("sendMessage for %s failed: %r", req.describe(), reply)
+    def _ipmid_attention(self) -> None:
+        def done(failed: BaseException | None) -> None:
+            if failed is not None:
+                log.warning("SMS_ATN for ipmid's event failed: %s", failed)
 
-        body = wire.pack_send_message(
-            req.seq, response_netfn(req.netfn), req.lun, req.cmd, cc, data
-        )
-        if (
-            (fetch is None or not fetch.generation)  # not an event (a heartbeat)
-            and trio.current_time() - req.received < CONFIRM_RESPONSES_AFTER
-        ):
-            self.bus.send_template_noreply(template, body)
-            return
-        self.bus.call_template_nowait(template, body, outcome, SEND_REPLY_WITHIN)
+        self.link.attention(done)
 
-    # HIOMAP requests run as a chain of callbacks in the receiver: request ->
-    # hiomapd call -> its reply (or deadline) -> sendMessage -> the next one.
-    # One is at hiomapd at a time, in arrival order; no task switch per
-    # command.
+    # HIOMAP requests run as a chain of callbacks: request -> hiomapd call ->
+    # its reply (or deadline) -> response -> the next one.  One is at
+    # hiomapd at a time, in arrival order; no task switch per command.
 
     def _hiomap_request(self, req: HostRequest) -> None:
         if self._hiomap_busy:
@@ -462,13 +481,20 @@ class Bridge:
         return cc, data
 
     def _limited_logs(self) -> list[tuple[RateLimitedLog, str]]:
-        return [
+        logs = [
             (self.forged, "signals from impostors ignored"),
             (self.rejected_signals, "malformed signals or properties ignored"),
             (self.overflow, "HIOMAP requests answered NODE_BUSY (backlog full)"),
+            (self.oversized, "responses too long for the BT FIFO (cc 0xCA)"),
             (self.bus.stray_replies, "replies from connections we did not call"),
             (self.bus.malformed, "unreadable messages from the bus dropped"),
         ]
+        if isinstance(self.link, BtLink):
+            logs.append((self.link.dropped, "bad host frames or unsent responses"))
+        if self.forwarder is not None:
+            logs.append((self.forwarder.failures, "forwarded commands that failed"))
+            logs.append((self.forwarder.refused, "setAttention calls refused"))
+        return logs
 
     async def _flush_logs(self) -> None:
         """Bursts are logged once per interval: report what was suppressed."""
@@ -484,25 +510,26 @@ class Bridge:
         counts = ", ".join(
             f"{limited.count} {what}" for limited, what in self._limited_logs()
         )
+        forwarded = (
+            f", forwarded {self.forwarder.forwarded} to ipmid"
+            if self.forwarder is not None
+            else ""
+        )
         log.info(
-            "handled %d host requests (%d HIOMAP), posted %d events; %s",
+            "handled %d host requests (%d HIOMAP%s), posted %d events; %s",
             self.stats.requests,
             self.stats.hiomap,
+            forwarded,
             self.stats.events_posted,
             counts,
         )
 
     def _start_attention(self, done: Callable[[BaseException | None], None]) -> None:
-        """Send ``setAttention``; ``done`` gets None or what went wrong."""
+        """Raise SMS_ATN for the queue's event; ``done`` gets None or what
+        went wrong."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("asserting SMS_ATN (event %s waits)", _waiting(self.queue))
-
-        def outcome(reply: Message | Exception) -> None:
-            done(reply if isinstance(reply, Exception) else None)
-
-        self.bus.call_template_nowait(
-            self._set_attention_call, b"", outcome, SEND_REPLY_WITHIN
-        )
+        self.link.attention(done)
 
     # -- shutdown ----------------------------------------------------------
 
@@ -569,10 +596,7 @@ async def run(
         async with trio.open_nursery() as nursery:
             await bridge.start(nursery)
             log.info(
-                "ready: btbridged %s, hiomapd %s, events %s",
-                bridge.btbridged.owner or "(absent)",
-                bridge.hiomapd.owner or "(absent)",
-                describe(bridge.events),
+                "ready: %s, events %s", bridge.describe_peers(), describe(bridge.events)
             )
             systemd.notify("READY=1")
             if on_ready is not None:
@@ -614,5 +638,6 @@ __all__ = [
     "Bridge",
     "BusClosed",
     "Config",
+    "HostLinkError",
     "run",
 ]

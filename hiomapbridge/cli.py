@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 import trio
 
-from . import __version__, bridge
+from . import __version__, bridge, timing
 from .dbus import BusClosed, resolve_bus
+from .hostlink import HostLinkError
 from .systemd import setup_logging
 
 log = logging.getLogger("hiomapbridge")
@@ -29,6 +30,31 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _whole_seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a whole number of seconds: {text!r}"
+        ) from None
+    if not 1 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"must be 1-255 seconds: {text!r}")
+    return value
+
+
+def _host(text: str) -> str:
+    if text == "btbridged" or (text.startswith("bt:") and len(text) > 3):
+        return text
+    raise argparse.ArgumentTypeError(f"expected 'btbridged' or 'bt:PATH', not {text!r}")
+
+
+def _channel(text: str) -> str:
+    # One element of a D-Bus well-known name.
+    if text and text[0].isalpha() and all(c.isalnum() or c in "_-" for c in text):
+        return text
+    raise argparse.ArgumentTypeError(f"not a valid channel name: {text!r}")
+
+
 def _bus(text: str) -> str:
     try:
         return resolve_bus(text)
@@ -37,21 +63,30 @@ def _bus(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    defaults = bridge.Config()
     parser = argparse.ArgumentParser(
         prog="hiomapbridge",
         description=(
-            "Bridge HIOMAP over IPMI between btbridged (org.openbmc.HostIpmi) "
-            "and hiomapd (xyz.openbmc_project.Hiomapd). Host requests are "
-            "relayed to hiomapd; hiomapd's events reach the host via SMS_ATN, "
-            "and on SIGTERM/SIGINT the bridge exits only once the host has "
-            "fetched PROTOCOL_RESET (or --shutdown-timeout passed)."
+            "Bridge HIOMAP over IPMI between the host and hiomapd "
+            "(xyz.openbmc_project.Hiomapd). Host requests are relayed to "
+            "hiomapd; hiomapd's events reach the host via SMS_ATN, and on "
+            "SIGTERM/SIGINT the bridge exits only once the host has fetched "
+            "PROTOCOL_RESET (or --shutdown-timeout passed). The host is reached "
+            "through btbridged's D-Bus API (--host btbridged), or through the BT "
+            "interface itself (--host bt:PATH), where every IPMI command the "
+            "bridge does not own is forwarded to ipmid."
         ),
         epilog=(
+            "Timing budget: --hiomapd-timeout and --ipmid-timeout must be shorter "
+            "than --bt-transaction-time (what the host is told to wait before it "
+            "retries), which in btbridged mode must be shorter than btbridged's "
+            "own 5 s; a set that breaks this exits 2. "
             "Exit status: 0 after a shutdown by signal (also when the host "
             "never fetched the final event: that is logged); 1 when the bus "
-            "connection is lost or start-up fails; 2 for bad options; 130 "
-            "when a second SIGINT cut the shutdown short. Readiness is "
-            "announced with READY=1 on $NOTIFY_SOCKET."
+            "connection is lost, the BT device cannot be opened or start-up "
+            "fails; 2 for bad options; 130 when a second SIGINT cut the "
+            "shutdown short. Readiness is announced with READY=1 on "
+            "$NOTIFY_SOCKET."
         ),
     )
     parser.add_argument(
@@ -62,33 +97,75 @@ def build_parser() -> argparse.ArgumentParser:
         help="bus to use (default: system, honouring DBUS_SYSTEM_BUS_ADDRESS)",
     )
     parser.add_argument(
+        "--host",
+        type=_host,
+        default=defaults.host,
+        metavar="btbridged|bt:PATH",
+        help="how the host is reached: btbridged's D-Bus API (default), or "
+        "bt:PATH, the BT interface itself: PATH is the kernel BT BMC device "
+        "(/dev/ipmi-bt-host) or a unix SOCK_SEQPACKET socket to connect to "
+        "(simulators); the bridge then owns org.openbmc.HostIpmi and forwards "
+        "every command it does not own to ipmid",
+    )
+    parser.add_argument(
         "--hiomapd-timeout",
         type=_seconds,
-        default=4.0,
+        default=defaults.hiomapd_timeout,
         metavar="S",
-        help="deadline for each hiomapd call; a miss answers cc 0xC3 (default 4)",
+        help="deadline for each hiomapd call; a miss answers cc 0xC3 "
+        f"(default {defaults.hiomapd_timeout:g})",
+    )
+    parser.add_argument(
+        "--ipmid-timeout",
+        type=_seconds,
+        default=defaults.ipmid_timeout,
+        metavar="S",
+        help="bt: mode: deadline for each command forwarded to ipmid; a miss "
+        f"answers cc 0xC3 (default {defaults.ipmid_timeout:g})",
+    )
+    parser.add_argument(
+        "--bt-transaction-time",
+        type=_whole_seconds,
+        default=defaults.bt_transaction_time,
+        metavar="N",
+        help="whole seconds advertised in Get BT Interface Capabilities: the "
+        "host retries a request after this long (default "
+        f"{defaults.bt_transaction_time})",
+    )
+    parser.add_argument(
+        "--ipmi-channel",
+        type=_channel,
+        default=defaults.ipmi_channel,
+        metavar="NAME",
+        help="bt: mode: own xyz.openbmc_project.Ipmi.Channel.NAME so that ipmid "
+        "treats forwarded commands as coming from the channel channel_config.json "
+        f"names NAME (default {defaults.ipmi_channel}: OpenBMC's name for the "
+        "system interface, channel 15)",
     )
     parser.add_argument(
         "--atn-interval",
         type=_seconds,
-        default=3.0,
+        default=defaults.atn_interval,
         metavar="S",
-        help="re-assert SMS_ATN this often while an event waits (default 3)",
+        help="re-assert SMS_ATN this often while an event waits "
+        f"(default {defaults.atn_interval:g})",
     )
     parser.add_argument(
         "--shutdown-timeout",
         type=_seconds,
-        default=5.0,
+        default=defaults.shutdown_timeout,
         metavar="S",
-        help="how long shutdown waits for the host to fetch events (default 5)",
+        help="how long shutdown waits for the host to fetch events "
+        f"(default {defaults.shutdown_timeout:g})",
     )
     parser.add_argument(
         "--no-reject-unknown",
         dest="reject_unknown",
         action="store_false",
-        help="leave IPMI commands other than HIOMAP and the messaging commands "
-        "unanswered (for hosts whose other commands another responder answers) "
-        "instead of answering cc 0xC1",
+        help="btbridged mode: leave IPMI commands other than HIOMAP, the "
+        "messaging commands and Get BT Interface Capabilities unanswered (for "
+        "hosts whose other commands another responder answers) instead of "
+        "answering cc 0xC1",
     )
     parser.add_argument(
         "--log-level",
@@ -114,22 +191,30 @@ async def _main(config: bridge.Config) -> int:
         status = bridge.EXIT_FAILURE
         try:
             status = await bridge.run(config, signals)
-        except* BusClosed as group:
+        except* (BusClosed, HostLinkError) as group:
             for exc in group.exceptions:
                 log.error("%s; exiting so that systemd restarts us", exc)
         return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level, "hiomapbridge")
+    parser = build_parser()
+    args = parser.parse_args(argv)
     config = bridge.Config(
         bus=args.bus,
+        host=args.host,
         hiomapd_timeout=args.hiomapd_timeout,
+        ipmid_timeout=args.ipmid_timeout,
+        bt_transaction_time=args.bt_transaction_time,
+        ipmi_channel=args.ipmi_channel,
         atn_interval=args.atn_interval,
         shutdown_timeout=args.shutdown_timeout,
         reject_unknown=args.reject_unknown,
     )
+    broken = timing.violations(config)
+    if broken:
+        parser.error("timing budget broken: " + "; ".join(broken))
+    setup_logging(args.log_level, "hiomapbridge")
     # trio restores these when its signal receiver closes; a signal arriving
     # after that must not turn a clean exit into "killed by SIGTERM".
     signal.signal(signal.SIGTERM, _late_signal)

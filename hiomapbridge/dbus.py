@@ -239,6 +239,11 @@ class Bus:
             self._return_templates[key] = template
         self.send_raw(template.build(next(self._serials), call.header.serial, body))
 
+    def reply_error_nowait(self, call: Message, name: str, text: str = "") -> None:
+        """Send an error reply for ``call`` now, unless the caller wants none."""
+        if _wants_reply(call):
+            self.send_nowait(new_error(call, name, "s", (text,)))
+
     async def run_sender(self) -> None:
         """Flush what the socket did not take at once."""
         while True:
@@ -698,3 +703,27 @@ class NameOwner:
             )
             if self._on_change is not None:
                 self._on_change(old, owner)
+
+
+class SignalGuard:
+    """Signals count only from a tracked peer's current owner and with the
+    expected signature; anything else is counted and logged (rate-limited)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        #: signals from a connection that does not own the peer's name
+        self.forged = RateLimitedLog(logger, logging.WARNING)
+        #: signals (or properties) of the wrong shape
+        self.rejected = RateLimitedLog(logger, logging.WARNING)
+
+    def accepted(self, msg: Message, peer: NameOwner, who: str, signature: str) -> bool:
+        fields = msg.header.fields
+        sender = fields.get(HeaderFields.sender)
+        if sender is None or sender != peer.owner:
+            member = fields.get(HeaderFields.member)
+            self.forged("ignored %s from %s: %s is %s", member, sender, who, peer.owner)
+            return False
+        if fields.get(HeaderFields.signature) != signature:
+            member = fields.get(HeaderFields.member)
+            self.rejected("ignored %s with a bad signature", member)
+            return False
+        return True

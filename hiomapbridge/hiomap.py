@@ -43,6 +43,14 @@ class Command(IntEnum):
 UNVERSIONED: Final = frozenset({Command.RESET, Command.GET_INFO, Command.ACK})
 """Commands exempt from the repeated-sequence-number rule."""
 
+MIN_VERSION: Final = 2
+"""The lowest GET_INFO version forwarded to hiomapd.  Over IPMI only v2 is
+usable: hiomapd's D-Bus interface implements v2 and skiboot negotiates v2.
+hiomapd answers a D-Bus ``GetInfo(1)`` with an error yet switches itself to
+v1, after which its window calls return garbage and ``Erase`` crashes it;
+version 0 it refuses anyway.  A deliberate departure from the seed (whose
+GET_INFO handling carries "FIXME: Assumes v2!" and forwards any version)."""
+
 
 @attrs.frozen
 class _Spec:
@@ -124,8 +132,9 @@ class Dispatcher:
         Rules, in order: fewer than 2 bytes -> 0xC7; command 0 or above 10 ->
         0xC9; a versioned command (not RESET, GET_INFO, ACK) repeating the
         previous seq -> 0xCC; then the seq is remembered (even if the next
-        rule fails); arguments too short -> 0xC7. Extra bytes are ignored.
-        Never raises.
+        rule fails); arguments too short -> 0xC7; GET_INFO below version 2 ->
+        0xC9 (not forwarded: see :data:`MIN_VERSION`). Extra bytes are
+        ignored. Never raises.
         """
         if len(data) < 2:
             return Rejected(
@@ -153,6 +162,13 @@ class Dispatcher:
                 f"{command.name}: {len(argdata)} argument bytes, need {layout.size}",
             )
         args = layout.unpack_from(argdata)
+        if command is Command.GET_INFO and args[0] < MIN_VERSION:
+            return Rejected(
+                CompletionCode.PARAM_OUT_OF_RANGE,
+                f"GET_INFO asks for version {args[0]}: only v{MIN_VERSION} is "
+                "usable over IPMI; not forwarded (it would switch hiomapd to "
+                "v1, where a later ERASE crashes it)",
+            )
         return HiomapCall(
             command=command,
             seq=seq,
@@ -181,12 +197,9 @@ def encode_reply(
     little-endian. A signature other than ``call.reply_signature`` or a value
     that does not fit its D-Bus type gives ``(0xFF, b"")``. Never raises.
 
-    GET_INFO: a returned version of 1 packs the v1 layout ``[version, read
-    window size le16, write window size le16]``; any other version packs the
-    v2 layout ``[version, block_size_shift, timeout le16]``. D-Bus ``GetInfo``
-    has no window-size fields, so by convention, for a v1 negotiation the
-    reply's ``q`` field carries the default window size in blocks, used for
-    both window sizes. (Real hiomapd never replies to a v1 GetInfo.)
+    GET_INFO always packs the v2 layout ``[version, block_size_shift,
+    timeout le16]``, as the seed does: no version below 2 is ever forwarded
+    (see :data:`MIN_VERSION`).
     """
     failed = (int(CompletionCode.UNSPECIFIED), b"")
     if signature != call.reply_signature or not isinstance(body, tuple):
@@ -194,11 +207,7 @@ def encode_reply(
     if len(body) != len(signature) or not all(map(_fits, body, signature)):
         return failed
     values = [v for v in body if isinstance(v, int)]
-    if call.command is Command.GET_INFO and values[0] == 1:
-        version, _shift, window_size = values
-        payload = struct.pack("<BHH", version, window_size, window_size)
-    else:
-        payload = _layout(signature).pack(*values)
+    payload = _layout(signature).pack(*values)
     return int(CompletionCode.OK), bytes([call.command, call.seq]) + payload
 
 

@@ -199,7 +199,7 @@ class HostQueue:
             return
         self._asserting = False
         if exc is not None:  # logged; the interval retries
-            log.warning("setAttention failed: %s", exc)
+            log.warning("SMS_ATN failed: %s", exc)
         self._arm(trio.current_time() + self.atn_interval)
         if self._attention_due:
             self._assert()

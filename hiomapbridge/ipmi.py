@@ -19,6 +19,7 @@ NETFN_OEM_IBM: Final = 0x3A
 CMD_CLEAR_MESSAGE_FLAGS: Final = 0x30
 CMD_GET_MESSAGE_FLAGS: Final = 0x31
 CMD_READ_EVENT_MESSAGE_BUFFER: Final = 0x35
+CMD_GET_BT_CAPABILITIES: Final = 0x36
 CMD_HIOMAP: Final = 0x5A
 
 SEL_CMD_HIOMAP_EVENT: Final = 0x0F
@@ -42,8 +43,10 @@ class CompletionCode(IntEnum):
     REQ_DATA_LEN_INVALID = 0xC7
     PARAM_OUT_OF_RANGE = 0xC9
     SENSOR_INVALID = 0xCB
+    CANNOT_RETURN_DATA = 0xCA  # the response does not fit the BT FIFO
     INVALID_FIELD = 0xCC
     CANNOT_RESPOND = 0xCE  # btbridged answers this itself on its 5 s timeout
+    DESTINATION_UNAVAILABLE = 0xD3  # ipmid is not on the bus
     INSUFFICIENT_PRIVILEGE = 0xD4
     UNSPECIFIED = 0xFF
 

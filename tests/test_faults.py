@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from hiomapbridge import bridge as bridge_mod
+from hiomapbridge import link_btbridged
 from hiomapbridge.hiomap import Command, pack_request, window_args
 from hiomapbridge.ipmi import event_record
 from hiomapbridge.sim.btbridged import BtBridge, Response, requests
@@ -301,7 +301,7 @@ async def test_send_message_never_returns_bridge_keeps_serving(
     the bridge does not wait for it; HIOMAP and messaging requests are served
     meanwhile; after SEND_REPLY_WITHIN the event counts as not delivered and
     SMS_ATN is raised again."""
-    monkeypatch.setattr(bridge_mod, "SEND_REPLY_WITHIN", 0.5)
+    monkeypatch.setattr(link_btbridged, "SEND_REPLY_WITHIN", 0.5)
     async with (
         run_emulator(bus_address, tmp_path, flash_size=1 << 20),
         run_btbridged(bus_address, timeout=30) as bt,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import errno
+import struct
 from typing import Any
 
 import pytest
@@ -15,7 +16,6 @@ from hiomapbridge.hiomap import (
     Dispatcher,
     FlashInfo,
     HiomapCall,
-    InfoV1,
     InfoV2,
     Rejected,
     Window,
@@ -164,6 +164,13 @@ MIN_ARGS = {
 }
 
 
+def min_args(command: Command) -> bytes:
+    """The shortest valid argument bytes (GET_INFO asks for version 2)."""
+    if command is Command.GET_INFO:
+        return b"\x02"
+    return bytes(MIN_ARGS[command])
+
+
 def test_unversioned_set() -> None:
     assert hiomap.UNVERSIONED == {Command.RESET, Command.GET_INFO, Command.ACK}
 
@@ -172,7 +179,7 @@ def test_unversioned_set() -> None:
 @pytest.mark.parametrize("command", VERSIONED)
 def test_repeated_seq_is_cc_for_versioned(command: Command) -> None:
     d = Dispatcher()
-    args = bytes(MIN_ARGS[command])
+    args = min_args(command)
     assert isinstance(d.request(pack_request(Command.RESET, 5)), HiomapCall)
     assert rejected_cc(d.request(pack_request(command, 5, args))) == CC
     assert isinstance(d.request(pack_request(command, 6, args)), HiomapCall)
@@ -182,7 +189,7 @@ def test_repeated_seq_is_cc_for_versioned(command: Command) -> None:
 @pytest.mark.parametrize("command", sorted(hiomap.UNVERSIONED))
 def test_unversioned_commands_ignore_the_seq_rule(command: Command) -> None:
     d = Dispatcher()
-    args = bytes(MIN_ARGS[command])
+    args = min_args(command)
     for _ in range(3):
         assert isinstance(d.request(pack_request(command, 5, args)), HiomapCall)
     assert d.last_seq == 5
@@ -250,7 +257,7 @@ def test_short_arguments_are_c7(command: Command, short: int) -> None:
 
 @pytest.mark.parametrize("command", list(Command))
 def test_exact_minimum_arguments_accepted(command: Command) -> None:
-    call = Dispatcher().request(pack_request(command, 1, bytes(MIN_ARGS[command])))
+    call = Dispatcher().request(pack_request(command, 1, min_args(command)))
     assert isinstance(call, HiomapCall)
     assert len(call.args) == len(call.signature)
 
@@ -276,7 +283,7 @@ def test_any_request_gets_a_defined_answer(requests: list[bytes]) -> None:
 
 # Success responses, byte for byte.
 def call_for(command: Command, seq: int = 0x42) -> HiomapCall:
-    call = Dispatcher().request(pack_request(command, seq, bytes(4)))
+    call = Dispatcher().request(pack_request(command, seq, b"\x02" + bytes(3)))
     assert isinstance(call, HiomapCall)
     return call
 
@@ -287,7 +294,7 @@ def call_for(command: Command, seq: int = 0x42) -> HiomapCall:
         (Command.RESET, "", (), "0142"),
         (Command.GET_INFO, "yyq", (2, 12, 0x0102), "0242 02 0c 0201"),
         (Command.GET_INFO, "yyq", (3, 12, 30), "0242 03 0c 1e00"),
-        (Command.GET_INFO, "yyq", (1, 12, 0x0100), "0242 01 0001 0001"),
+        (Command.GET_INFO, "yyq", (1, 12, 0x0100), "0242 01 0c 0001"),  # v2 layout
         (Command.GET_FLASH_INFO, "qq", (0x4000, 0x0010), "0342 0040 1000"),
         (
             Command.CREATE_READ_WINDOW,
@@ -380,11 +387,11 @@ def test_valid_replies_round_trip_through_host_helpers(
     rcmd, rseq, payload = unpack_response(response)
     assert (rcmd, rseq) == (command, seq)
     if command is Command.GET_INFO:
-        info = unpack_get_info(payload)
-        if body[0] == 1:
-            assert info == InfoV1(1, body[2], body[2])
-        else:
-            assert info == InfoV2(*body)
+        # Always the v2 layout, as the seed packs it (v1 is never forwarded);
+        # the host helper reads a leading 1 as v1, so compare the bytes.
+        assert payload == struct.pack("<BBH", *body)
+        if body[0] != 1:
+            assert unpack_get_info(payload) == InfoV2(*body)
     elif command is Command.GET_FLASH_INFO:
         assert unpack_flash_info(payload) == FlashInfo(*body)
     elif command in (Command.CREATE_READ_WINDOW, Command.CREATE_WRITE_WINDOW):
@@ -534,3 +541,23 @@ def test_pack_request_and_window_args() -> None:
 def test_unpack_rejects_wrong_lengths(func: Any, payload: bytes) -> None:
     with pytest.raises(ValueError):
         func(payload)
+
+
+# The v1 guard: a deliberate departure from the seed (hiomap.MIN_VERSION).
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_get_info_below_v2_is_answered_here_and_never_forwarded(version: int) -> None:
+    d = Dispatcher()
+    plan = d.request(pack_request(Command.GET_INFO, 9, bytes([version])))
+    assert isinstance(plan, Rejected)
+    assert plan.cc == C9
+    assert f"version {version}" in plan.reason
+    assert d.last_seq == 9  # the seq rule still saw it
+
+
+@pytest.mark.parametrize("version", [2, 3, 0xFF])
+def test_get_info_v2_and_above_go_to_hiomapd(version: int) -> None:
+    plan = Dispatcher().request(pack_request(Command.GET_INFO, 1, bytes([version])))
+    assert isinstance(plan, HiomapCall)
+    assert plan.args == (version,)
