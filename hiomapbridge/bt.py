@@ -44,7 +44,8 @@ class Request:
 @attrs.frozen
 class BadLength:
     """A frame whose header is readable but whose length byte disagrees
-    with its size: answered cc 0xC7 with the header's netfn, lun, seq, cmd."""
+    with its size (or that is longer than the FIFO): answered cc 0xC7 with
+    the header's netfn, lun, seq, cmd."""
 
     netfn: int
     lun: int
@@ -64,12 +65,13 @@ class TooShort:
 def parse_request(frame: bytes) -> Request | BadLength | TooShort:
     """Decode one request frame ``[len, netfn<<2|lun, seq, cmd, data...]``.
 
-    ``len`` counts the bytes after itself.  Never raises.
+    ``len`` counts the bytes after itself.  A frame longer than the FIFO
+    cannot have come from a host: it counts as a bad length.  Never raises.
     """
     if len(frame) < REQUEST_HEADER:
         return TooShort(len(frame))
     length, netlun, seq, cmd = frame[0], frame[1], frame[2], frame[3]
-    if length != len(frame) - 1:
+    if length != len(frame) - 1 or len(frame) > FIFO_SIZE:
         return BadLength(netlun >> 2, netlun & 3, seq, cmd, length, len(frame))
     return Request(netlun >> 2, netlun & 3, seq, cmd, frame[REQUEST_HEADER:])
 
