@@ -192,9 +192,15 @@ async def _main(config: bridge.Config) -> int:
         try:
             status = await bridge.run(config, signals)
         except* (BusClosed, HostLinkError) as group:
-            for exc in group.exceptions:
+            for exc in _leaves(group):
                 log.error("%s; exiting so that systemd restarts us", exc)
         return status
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
