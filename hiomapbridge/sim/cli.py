@@ -31,7 +31,7 @@ def start(args: argparse.Namespace, name: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import btbridged, hiomapd, host
+    from . import btbridged, bthost, hiomapd, host, ipmid
 
     parser = argparse.ArgumentParser(
         prog="hiomapbridge-sim",
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     hiomapd.add_parser(sub)
     btbridged.add_parser(sub)
     host.add_parser(sub)
+    bthost.add_parser(sub)
+    ipmid.add_parser(sub)
     return parser
 
 

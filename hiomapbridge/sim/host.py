@@ -1,8 +1,9 @@
 """A host flash client behaving like skiboot's ``libflash/ipmi-hiomap.c``.
 
 It talks IPMI through a :class:`~hiomapbridge.sim.btbridged.BtBridge` (in
-process, no bus hop) and moves flash data through the LPC file that the
-hiomapd emulator maps the LPC firmware space to.
+process, no bus hop), or anything with its host-side API (:class:`HostBt`,
+e.g. :class:`~hiomapbridge.sim.bthost.BtHost`), and moves flash data through
+the LPC file that the hiomapd emulator maps the LPC firmware space to.
 
 Behaviour taken from skiboot:
 
@@ -46,10 +47,10 @@ import math
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
 import attrs
 import trio
@@ -128,6 +129,16 @@ class ProtocolError(HiomapError):
     """A response the client cannot accept (size, seq, window)."""
 
 
+class HostBt(Protocol):
+    """What the host client needs of its BT interface."""
+
+    async def transact(
+        self, netfn: int, cmd: int, data: bytes = b"", lun: int = 0
+    ) -> Response: ...
+
+    async def wait_attention(self) -> None: ...
+
+
 def _name(command: int) -> str:
     try:
         return Command(command).name
@@ -155,12 +166,17 @@ class EventRecord:
         return self.command == SEL_CMD_HIOMAP_EVENT
 
 
-@attrs.define(eq=False)
-class Host:
-    """The host client. Run :meth:`run` (event handling) in a nursery, then
-    :meth:`start`; or use :func:`run_host`."""
+BtT = TypeVar("BtT", bound=HostBt)
 
-    bt: BtBridge
+
+@attrs.define(eq=False)
+class HostClient(Generic[BtT]):
+    """The host client over any BT interface ``bt`` (see :class:`HostBt`).
+    Run :meth:`run` (event handling) in a nursery, then :meth:`start`; or
+    use :func:`run_host`. :data:`Host` is the client over the btbridged
+    stand-in."""
+
+    bt: BtT
     lpc_path: Path = attrs.field(converter=Path)
     flash_lost: Literal["raise", "wait"] = "raise"
     strict_daemon_ready: bool = True
@@ -510,6 +526,10 @@ class Host:
             return True
 
 
+Host = HostClient[BtBridge]
+"""The host client over the btbridged stand-in (what :func:`run_host` runs)."""
+
+
 @asynccontextmanager
 async def run_host(
     bus_address: str,
@@ -552,22 +572,37 @@ def add_parser(subparsers: Any) -> None:
             "host client modelled on skiboot's ipmi-hiomap, then do one thing."
         ),
     )
+
+    def transport(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--bus", default="system", help="system, session or address")
+        sp.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help="btbridged request timeout in seconds")  # fmt: skip
+
+    add_actions(p, transport, run)
+
+
+def add_actions(
+    p: argparse.ArgumentParser,
+    transport: Callable[[argparse.ArgumentParser], None] | None,
+    func: Callable[[argparse.Namespace], int],
+) -> None:
+    """Add the ``read``, ``write``, ``erase`` and ``watch`` actions to ``p``;
+    ``transport`` adds each action's transport options; ``func`` runs it."""
     sub = p.add_subparsers(dest="host_command", required=True)
 
     def common(sp: argparse.ArgumentParser, lpc_required: bool) -> None:
-        sp.add_argument("--bus", default="system", help="system, session or address")
+        if transport is not None:
+            transport(sp)
         sp.add_argument(
             "--lpc", type=Path, required=lpc_required, default=None,
             help="the file hiomapd's emulator maps the LPC firmware space to",
         )  # fmt: skip
-        sp.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help="btbridged request timeout in seconds")  # fmt: skip
         sp.add_argument(
             "--flash-lost", choices=("raise", "wait"), default="raise",
             help="on FLASH_CONTROL_LOST: fail (skiboot) or wait for it to clear",
         )  # fmt: skip
         sp.add_argument("--log-level", default="warning")
-        sp.set_defaults(func=run)
+        sp.set_defaults(func=func)
 
     r = sub.add_parser("read", help="read flash to a file")
     r.add_argument("offset", type=_int)
@@ -598,8 +633,13 @@ def run(args: argparse.Namespace) -> int:
     address = start(args, "host-sim")
     if address is None:
         return 2
+    return run_action(lambda: _main(address, args))
+
+
+def run_action(main: Callable[[], Awaitable[int]]) -> int:
+    """``trio.run(main)``, a :class:`HiomapError` logged as exit status 1."""
     try:
-        return trio.run(_main, address, args)
+        return trio.run(main)
     except HiomapError as exc:
         log.error("%s", exc)
         return 1
@@ -621,11 +661,22 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 async def _main(address: str, args: argparse.Namespace) -> int:
     lpc = args.lpc if args.lpc is not None else Path("/dev/null")
     watch = args.host_command == "watch"
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with run_host(
+    return await do_action(
+        run_host(
             address, lpc, start=not watch or args.start, bt_timeout=args.timeout,
             flash_lost=args.flash_lost,
-        ) as host, trio.open_nursery() as nursery:  # fmt: skip
+        ),
+        args,
+    )  # fmt: skip
+
+
+async def do_action(
+    hosted: AbstractAsyncContextManager[HostClient[Any]], args: argparse.Namespace
+) -> int:
+    """Run the host ``hosted`` yields, do the action ``args`` names, and stop
+    on SIGINT/SIGTERM."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with hosted as host, trio.open_nursery() as nursery:
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
@@ -639,7 +690,7 @@ async def _main(address: str, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _do(host: Host, args: argparse.Namespace) -> None:
+async def _do(host: HostClient[Any], args: argparse.Namespace) -> None:
     if args.host_command == "read":
         data = await host.read(args.offset, args.length)
         if args.output == "-":
@@ -698,10 +749,15 @@ __all__ = [
     "EventRecord",
     "HiomapError",
     "Host",
+    "HostBt",
+    "HostClient",
     "NoResponse",
     "ProtocolError",
     "TryAgain",
+    "add_actions",
     "add_parser",
+    "do_action",
     "run",
+    "run_action",
     "run_host",
 ]
