@@ -187,10 +187,13 @@ class Bridge:
         )
         rule.add_arg_condition(0, IFACE_V2)
         await bus.add_match(rule)
-        await self.link.start(nursery, self._received, self._host_connected)
         if self.forwarder is not None:
             await self.forwarder.start()
         await self.hiomapd.start(bus)
+        # Last: a host request may arrive at once, and the peers it needs
+        # must be known by then (a reply from a connection not yet known to
+        # own hiomapd's name would be refused as stray).
+        await self.link.start(nursery, self._received, self._host_connected)
         nursery.start_soon(self.queue.run_attention)
         nursery.start_soon(self._hiomapd_watcher)
         nursery.start_soon(self._flush_logs)

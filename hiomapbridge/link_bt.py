@@ -77,12 +77,19 @@ class _Device:
         except OSError as exc:
             raise HostLinkError(_open_failure(path, exc)) from exc
         self._poll = select.poll()
-        self._poll.register(self.fd, select.POLLOUT)
+        self._poll.register(self.fd, select.POLLIN | select.POLLOUT)
 
     def fileno(self) -> int:
         return self.fd
 
+    def _ready(self, event: int) -> bool:
+        return any(ev & event for _fd, ev in self._poll.poll(0))
+
     def read(self) -> bytes:
+        # The driver's read waits for the host's next request: never call it
+        # unless poll says a request is there.
+        if not self._ready(select.POLLIN):
+            raise BlockingIOError
         data = os.read(self.fd, READ_SIZE)
         if not data:
             raise OSError(errno.EIO, "the device returned end of file")
@@ -91,7 +98,7 @@ class _Device:
     def write(self, frame: bytes) -> None:
         # The driver's write waits for the host to drain the previous
         # response: never call it unless poll says it will not wait.
-        if not any(ev & select.POLLOUT for _fd, ev in self._poll.poll(0)):
+        if not self._ready(select.POLLOUT):
             raise BlockingIOError
         written = os.write(self.fd, frame)
         if written != len(frame):

@@ -158,6 +158,8 @@ class RequestModel:
             return 0, b"", None
         if (netfn, cmd) == (0x06, 0x35):
             return 0, HEARTBEAT_RECORD, None
+        if (netfn, cmd) == (0x06, 0x36):  # 1 request, 64-byte FIFOs, 3 s, 1 retry
+            return 0, b"\x01\x3f\x3f\x03\x01", None
         if (netfn, cmd) != (0x3A, 0x5A):
             return 0xC1, b"", None
         if len(data) < 2:
@@ -173,19 +175,18 @@ class RequestModel:
         if len(data) - 2 < size:
             return 0xC7, b"", None
         args = struct.unpack_from(layout, data, 2) if layout else ()
+        if hcmd == 2 and args[0] < 2:
+            return 0xC9, b"", None  # the v1 guard: never forwarded
         call = (member, tuple(args))
         kind, body = reply
         if kind == "error":
             return ERRORS[body[0]], b"", call
         if kind != reply_sig:
             return 0xFF, b"", call
-        if hcmd == 2 and body[0] == 1:
-            payload = struct.pack("<BHH", 1, body[2], body[2])
-        else:
-            payload = b"".join(
-                struct.pack("<B" if c == "y" else "<H", v)
-                for c, v in zip(reply_sig, body, strict=True)
-            )
+        payload = b"".join(
+            struct.pack("<B" if c == "y" else "<H", v)
+            for c, v in zip(reply_sig, body, strict=True)
+        )
         return 0, bytes([hcmd, seq]) + payload, call
 
 
