@@ -27,9 +27,11 @@ def test_completion_codes() -> None:
         "OUT_OF_SPACE": 0xC4,
         "REQ_DATA_LEN_INVALID": 0xC7,
         "PARAM_OUT_OF_RANGE": 0xC9,
+        "CANNOT_RETURN_DATA": 0xCA,
         "SENSOR_INVALID": 0xCB,
         "INVALID_FIELD": 0xCC,
         "CANNOT_RESPOND": 0xCE,
+        "DESTINATION_UNAVAILABLE": 0xD3,
         "INSUFFICIENT_PRIVILEGE": 0xD4,
         "UNSPECIFIED": 0xFF,
     }

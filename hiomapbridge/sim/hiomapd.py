@@ -5,7 +5,14 @@ It serves ``xyz.openbmc_project.Hiomapd`` at ``/xyz/openbmc_project/Hiomapd``
 as the real daemon does (wire reference section 5): the ``Protocol`` and
 ``Protocol.V2`` interfaces, the four event properties with
 ``PropertiesChanged``, plus ``Properties``, ``Introspectable`` and ``Peer``.
-The protocol itself lives in :mod:`hiomapbridge.sim.hiomapd_core`.
+The protocol itself lives in :mod:`hiomapbridge.sim.hiomapd_core`, which
+documents how closely it follows real hiomapd: what each
+``PropertiesChanged`` carries (every property of the operation's bit mask,
+changed or not), that ``GetInfo(1)`` fails ``UnknownMethod`` yet switches
+to v1, and the calls that crash real hiomapd. Such a crash drops the
+emulator off the bus without a word (under :func:`run_emulator`), or, as
+the ``hiomapbridge-sim hiomapd`` process, kills the process with SIGSEGV.
+SIGHUP is hiomapd's protocol reset (the process keeps running).
 
 Method calls are processed one at a time in arrival order, like the
 single-threaded daemon, except calls to the test control interface
@@ -15,7 +22,7 @@ that a stalled emulator can still be un-stalled:
 * ``SuspendFlashControl()``, ``ResumeFlashControl()``,
   ``ResumeFlashControlModified()`` (hiomapd's ``--resume modified``: drops
   the window cache and raises WindowReset if a window was open),
-  ``ForceWindowReset()``;
+  ``ForceWindowReset()``, ``ProtocolReset()`` (what SIGHUP does);
 * ``SetFault(s mode, s member, u count)``: see :func:`parse_fault`;
 * ``EmitProperties(a{sv})``: emit an arbitrary ``PropertiesChanged`` on
   ``Protocol.V2`` (to test what a peer does with bad types or names).
@@ -32,11 +39,13 @@ import argparse
 import contextlib
 import hashlib
 import logging
+import os
+import resource
 import signal
 import socket
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 from xml.sax.saxutils import quoteattr
 
 import attrs
@@ -46,7 +55,13 @@ from jeepney import DBusAddress, HeaderFields, Message, new_signal
 from hiomapbridge.dbus import Bus, BusClosed, open_bus
 from hiomapbridge.events import describe
 from hiomapbridge.hiomap import HIOMAPD_PATH, HIOMAPD_SERVICE, IFACE_PROTOCOL, IFACE_V2
-from hiomapbridge.sim.hiomapd_core import Config, Hiomapd, HiomapdError, WindowInfo
+from hiomapbridge.sim.hiomapd_core import (
+    Config,
+    Hiomapd,
+    HiomapdCrash,
+    HiomapdError,
+    WindowInfo,
+)
 from hiomapbridge.systemd import notify
 
 __all__ = [
@@ -128,6 +143,7 @@ _INTERFACES: Final[Mapping[str, Mapping[str, _Method]]] = {
         "ResumeFlashControl": _Method(),
         "ResumeFlashControlModified": _Method(),
         "ForceWindowReset": _Method(),
+        "ProtocolReset": _Method(),
         "SetFault": _Method((("mode", "s"), ("member", "s"), ("count", "u"))),
         "EmitProperties": _Method((("changed", "a{sv}"),)),
     },
@@ -260,7 +276,8 @@ class Emulator:
     """The emulated daemon. Serve it on a bus with :meth:`serve`.
 
     ``calls`` records ``(member, args)`` of every Protocol/V2 call received,
-    faulted ones included, for tests to inspect.
+    faulted ones included, for tests to inspect. ``crashed`` tells that a
+    call crashed it as it would crash real hiomapd.
     """
 
     config: Config
@@ -273,6 +290,7 @@ class Emulator:
     _stopped: trio.Event = attrs.field(factory=trio.Event, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
     _crash_scope: trio.CancelScope | None = attrs.field(default=None, init=False)
+    crashed: bool = attrs.field(default=False, init=False)
 
     # -- introspection for tests -------------------------------------------
 
@@ -296,9 +314,9 @@ class Emulator:
         return self.core.events
 
     @property
-    def version(self) -> int | None:
-        """The negotiated protocol version, None before GetInfo / after Reset."""
-        return self.core.version if self.core.negotiated else None
+    def version(self) -> int:
+        """The protocol version in force (2 from start-up, as hiomapd)."""
+        return self.core.version
 
     @property
     def current_window(self) -> WindowInfo | None:
@@ -359,6 +377,13 @@ class Emulator:
             self.core.force_window_reset()
             await self._emit()
 
+    async def protocol_reset(self) -> None:
+        """hiomapd's protocol reset (its SIGHUP): DaemonReady false, then
+        DaemonReady and ProtocolReset true; the windows are dropped."""
+        async with self._lock:
+            self.core.protocol_reset()
+            await self._emit()
+
     async def emit_properties(self, changed: Mapping[str, tuple[str, Any]]) -> None:
         """Emit ``PropertiesChanged(V2, changed, [])``; values are
         ``(signature, value)`` pairs, e.g. ``{"DaemonReady": ("s", "yes")}``."""
@@ -412,7 +437,8 @@ class Emulator:
     async def stop_cleanly(self) -> None:
         """hiomapd's clean exit: once the call in progress is done, emit the
         three PropertiesChanged (DaemonReady false; DaemonReady and
-        ProtocolReset true; final 0x01), release the name, stop serving."""
+        ProtocolReset true; all four properties with DaemonReady false and
+        ProtocolReset true), release the name, stop serving."""
         if self._stopping:
             await self._stopped.wait()
             return
@@ -438,6 +464,18 @@ class Emulator:
         self._unstall.set()
         self._crash_scope.cancel()
         await self._stopped.wait()
+
+    async def _segfault(self, why: HiomapdCrash) -> None:
+        """A call that kills real hiomapd: drop off the bus at once, emitting
+        nothing (the process runner then ends with SIGSEGV)."""
+        log.critical("segmentation fault, as hiomapd: %s", why)
+        self.crashed = True
+        self._stopping = True
+        self._unstall.set()
+        if self._crash_scope is None:
+            raise RuntimeError(f"hiomapd crash without a crash scope: {why}")
+        self._crash_scope.cancel()
+        await trio.sleep_forever()
 
     # -- internals ----------------------------------------------------------
 
@@ -537,6 +575,9 @@ class Emulator:
         core = self.core
         try:
             body = self._run_command(core, member, args)
+        except HiomapdCrash as exc:
+            await self._segfault(exc)
+            return  # pragma: no cover - _segfault never returns
         except HiomapdError as exc:
             log.info("%s%s -> %s", member, args, exc)
             await self._emit()
@@ -549,9 +590,6 @@ class Emulator:
             return
         log.debug("%s%s -> %s", member, args, body)
         await self._emit()
-        if member == "GetInfo" and body[0] == 1 and not self.config.v1_reply:
-            log.warning("GetInfo negotiated v1: not replying (hiomapd's bug)")
-            return
         signature = method.out_signature
         if fault is not None and fault.mode == "wrong-signature":
             signature, body = _wrong_signature(signature, body)
@@ -639,6 +677,8 @@ class Emulator:
             await self.resume_flash_control(modified=True)
         elif member == "ForceWindowReset":
             await self.force_window_reset()
+        elif member == "ProtocolReset":
+            await self.protocol_reset()
         await self._reply(msg)
 
     async def _handle_parent(self, msg: Message) -> None:
@@ -663,7 +703,8 @@ async def run_emulator(
     (``directory`` is created if needed);
     ``config`` holds the other :class:`Config` fields (e.g. ``flash_size``).
     Leaving the block stops it cleanly (three signals), unless the body
-    already did, or called :meth:`Emulator.crash`.
+    already did, called :meth:`Emulator.crash`, or made it crash as real
+    hiomapd would (:attr:`Emulator.crashed`).
     """
     await trio.Path(directory).mkdir(parents=True, exist_ok=True)
     config.setdefault("flash_path", directory / "flash.img")
@@ -700,8 +741,7 @@ async def run_emulator(
 # -- command line ---------------------------------------------------------------
 
 
-def _size(text: str) -> int:
-    """``4096``, ``0x1000``, ``64K``, ``32M``, ``1G``."""
+def _bytes(text: str, *, zero: bool) -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     scale = units.get(text[-1:].upper(), 1)
     number = text[:-1] if scale != 1 else text
@@ -709,9 +749,19 @@ def _size(text: str) -> int:
         value = int(number, 0) * scale
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    if value < 0 or (value == 0 and not zero):
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
+
+
+def _size(text: str) -> int:
+    """``4096``, ``0x1000``, ``64K``, ``32M``, ``1G``."""
+    return _bytes(text, zero=False)
+
+
+def _address(text: str) -> int:
+    """``0x0C000000``, ``192M``, ``0``: a byte address."""
+    return _bytes(text, zero=True)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -719,9 +769,12 @@ def add_parser(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "hiomapd",
         help="emulate hiomapd (xyz.openbmc_project.Hiomapd) on D-Bus",
-        description="A hiomapd emulator: HIOMAP v1/v2 over D-Bus, a flash file "
-        "and an mmap'ed LPC window file, with test controls on "
-        f"{IFACE_CONTROL}.",
+        description="A hiomapd emulator: hiomapd's D-Bus API (mboxd with the "
+        "file backend, its quirks included), a flash file and an mmap'ed LPC "
+        f"window file, with test controls on {IFACE_CONTROL}. SIGTERM/SIGINT "
+        "stop it cleanly, SIGHUP is a protocol reset; a call that crashes real "
+        "hiomapd (Erase after GetInfo(1); a window before the first GetInfo) "
+        "ends it with SIGSEGV.",
     )
     p.add_argument("--bus", default="system", help="system, session or a D-Bus address")
     p.add_argument("--flash", type=Path, required=True, help="flash image file")
@@ -743,23 +796,31 @@ def add_parser(subparsers: Any) -> None:
         help="GET_INFO timeout hint in seconds (default: hiomapd's 8 s per MiB)",
     )  # fmt: skip
     p.add_argument(
-        "--no-v1-reply", action="store_true",
-        help="never answer a GetInfo negotiating v1, as real hiomapd",
-    )  # fmt: skip
-    p.add_argument(
         "--strict-ack", action="store_true",
         help="ACK bits other than 0x03 are EINVAL (hiomapd ignores them)",
     )  # fmt: skip
     p.add_argument(
-        "--allow-unnegotiated", action="store_true",
-        help="serve commands before GetInfo (default: EPROTO, as hiomapd's mbox)",
+        "--lpc-base", type=_address, default=0, metavar="ADDRESS",
+        help="LPC firmware address of the window space: a window's LPC address "
+        "is ADDRESS + its offset in the --lpc file (default 0; real hiomapd "
+        "maps its memory at the top of the 28-bit LPC space)",
+    )  # fmt: skip
+    p.add_argument(
+        "--direct-map", action="store_true",
+        help="one window covering the whole flash, at LPC address --lpc-base + "
+        "flash offset (--window-size/--window-count unused): for a host that "
+        "maps its own PNOR linearly, e.g. QEMU powernv with --lpc-base "
+        "0x0C000000. The host then reads and writes its own copy, so keep "
+        "--flash a separate file",
     )  # fmt: skip
     p.add_argument("--log-level", default="info", help="debug, info, warning, error")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the emulator until SIGTERM/SIGINT, then exit cleanly (status 0)."""
+    """Run the emulator until SIGTERM/SIGINT, then exit cleanly (status 0);
+    SIGHUP is a protocol reset. A crash as real hiomapd's ends the process
+    with SIGSEGV (no core file)."""
     from .cli import start
 
     address = start(args, "hiomapd-sim")
@@ -774,41 +835,65 @@ def run(args: argparse.Namespace) -> int:
             window_size=args.window_size,
             window_count=args.window_count,
             timeout=args.timeout,
-            v1_reply=not args.no_v1_reply,
             strict_ack=args.strict_ack,
-            require_get_info=not args.allow_unnegotiated,
+            lpc_base=args.lpc_base,
+            direct_map=args.direct_map,
         )
     except (ValueError, TypeError) as exc:
         log.error("%s", exc)
         return 2
     # A signal repeated during the clean exit is redelivered when the signal
-    # receiver closes; ignoring them underneath keeps the exit status 0.
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)}
+    # receiver closes; ignoring them underneath keeps the exit status 0 (as
+    # hiomapd, which blocks them, ignores them once its loop has ended).
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in _SIGNALS}
     try:
-        return trio.run(_main, address, config)
+        status = trio.run(_main, address, config)
     finally:
         for signum, handler in old.items():
             signal.signal(signum, handler)
+    if status == _SEGFAULT:
+        _die_of_sigsegv()
+    return status
+
+
+_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_SEGFAULT: Final = -int(signal.SIGSEGV)
 
 
 async def _main(address: str, config: Config) -> int:
     status = 0
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    emu = Emulator(config)
+    emu._crash_scope = trio.CancelScope()
+    with trio.open_signal_receiver(*_SIGNALS) as signals:
         try:
-            async with open_bus(address) as bus, trio.open_nursery() as nursery:
-                emu = Emulator(config)
-                await nursery.start(emu.serve, bus)
-                notify("READY=1")
-                async for signum in signals:
-                    log.info("%s: stopping cleanly", signal.Signals(signum).name)
-                    break
-                notify("STOPPING=1")
-                await emu.stop_cleanly()
+            with emu._crash_scope:
+                async with open_bus(address) as bus, trio.open_nursery() as nursery:
+                    await nursery.start(emu.serve, bus)
+                    notify("READY=1")
+                    async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            log.info("SIGHUP: protocol reset")
+                            await emu.protocol_reset()
+                            continue
+                        log.info("%s: stopping cleanly", signal.Signals(signum).name)
+                        break
+                    notify("STOPPING=1")
+                    await emu.stop_cleanly()
         except* (OSError, ValueError, RuntimeError, BusClosed) as group:
             for exc in _leaves(group):
                 log.error("%s", exc)
             status = 1
-    return status
+    return _SEGFAULT if emu.crashed else status
+
+
+def _die_of_sigsegv() -> NoReturn:
+    """End as a segfaulting hiomapd does (the bus connection is already
+    closed): killed by SIGSEGV, without leaving a core file behind."""
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGSEGV)
+    raise SystemExit(128 + signal.SIGSEGV)  # pragma: no cover - not reached
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -5,28 +5,55 @@ Synchronous and bus-free: the D-Bus shell (:mod:`hiomapbridge.sim.hiomapd`)
 calls one method per command and afterwards sends what
 :meth:`Hiomapd.take_emissions` returns as ``PropertiesChanged`` signals.
 Commands fail by raising :class:`HiomapdError` carrying an errno, which the
-shell turns into the D-Bus error name sd-bus would produce.
+shell turns into the D-Bus error name sd-bus would produce; where hiomapd
+itself would crash (a NULL dereference) they raise :class:`HiomapdCrash`.
 
-Behaviour follows ``openbmc/hiomapd`` (Documentation/protocol.md, protocol.c,
-windows.c, control.c, transport_mbox.c):
+Behaviour follows ``openbmc/hiomapd`` (``mboxd``) with the file backend, as
+seen over its D-Bus transport (protocol.c, transport_dbus.c, windows.c,
+control.c, file/backend.c, mboxd.c):
 
-* ``GetInfo(v)``: ``v`` < 1 is EINVAL, otherwise the version is
-  ``min(v, 2)``. A version change resets the window cache (no flush, no
-  event). v1 uses 4 KiB blocks, v2 ``block_size_shift`` (block = erase size).
+* Events: the byte is kept raw; every change is pushed through the version's
+  mask (v2 ``0xC3``, v1 ``0x01`` only) and each push emits a
+  ``PropertiesChanged`` naming **every property in that push's bit mask with
+  its current value**, changed or not; an empty mask emits nothing. Start-up
+  and the final signal at exit push the whole mask (all four properties); a
+  set or a clear pushes the bits it set or cleared (so ``Ack(0x03)`` always
+  sends ``WindowReset`` and ``ProtocolReset``); ``GetInfo`` re-sets every set
+  bit, re-emitting them.
+* No gate on the D-Bus transport: every command is served while flash control
+  is suspended (FlashControlLost), and before ``GetInfo``. hiomapd starts at
+  v2 but allocates the windows' dirty bytemaps only in ``GetInfo``, so opening
+  a window before the very first ``GetInfo`` crashes it; after ``Reset`` the
+  bytemaps stay and everything works.
+* ``GetInfo(v)``: ``v`` < 1 is EINVAL, otherwise the version becomes
+  ``min(v, 2)``; a version change drops the window cache (no flush, no
+  event). Every ``GetInfo`` re-allocates the bytemaps (dirty marks of an open
+  window are forgotten). v1 switches the daemon to v1 and 4 KiB blocks (kept
+  after a later v2: the file backend's blocks are 4 KiB anyway), yet the
+  D-Bus transport answers only v2, so the call fails ``UnknownMethod``.
+  While v1 is active: ``GetFlashInfo`` returns the low and high 16 bits of
+  the flash size in bytes; ``CreateRead/WriteWindow`` return the right LPC
+  address but uninitialised size and offset; ``MarkDirty`` takes its offset
+  as a flash block and an uninitialised byte count; ``Erase`` calls a NULL
+  handler (crash).
 * Windows: one active window, taken from a cache of ``window_count`` windows
-  of ``window_size`` bytes laid out back to back in the LPC file. v2 maps the
-  window-size-aligned region containing the requested offset (the requested
-  size is only a hint; the window is clipped at the end of flash); v1 maps
-  exactly the requested offset. A cache hit reuses the window's memory as it
-  is; a miss copies the flash into the least recently used window.
+  of ``window_size`` bytes laid out back to back in the LPC file, at LPC
+  address ``lpc_base``. v2 maps the window-size-aligned region containing the
+  requested offset (the requested size is ignored; the window is clipped at
+  the end of flash); v1 maps exactly the requested offset. A cache hit reuses
+  the window's memory as it is; a miss copies the flash into the least
+  recently used window. A mapping starting past the flash end is EINVAL, one
+  starting exactly at the end reads nothing: EIO. ``direct_map`` replaces the
+  cache by one window covering the whole flash (LPC address = ``lpc_base`` +
+  flash offset), for hosts such as QEMU that map their own PNOR linearly.
 * Opening a window or closing the active one flushes a write window first.
 * ``MarkDirty``/``Erase``/``Flush`` need an active write window (EPERM);
-  ranges past its end are EINVAL. ``Erase`` fills the window with 0xFF.
+  ranges past its end are EACCES. ``Erase`` fills the window with 0xFF.
   Only ``Flush`` (or an implicit flush) writes the flash file.
-* While suspended every command but ``GetInfo`` and ``Ack`` is EBUSY; before
-  ``GetInfo`` (and after ``Reset``) every command but ``Reset``, ``GetInfo``
-  and ``Ack`` is EPROTO (the mbox transport's rules; configurable).
-* ``Reset`` drops the window cache without flushing, as hiomapd does.
+* ``Reset`` drops the window cache without flushing and reloads the LPC space
+  from the flash (the file backend's reset), with no event. A protocol reset
+  (SIGHUP, and on a clean exit) does the same between clearing DaemonReady
+  and setting DaemonReady | ProtocolReset.
 """
 
 from __future__ import annotations
@@ -34,21 +61,41 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import random
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Final
 
 import attrs
 
-from hiomapbridge.events import ACKABLE, PROPERTY_BITS, Event
+from hiomapbridge.events import ACKABLE, Event
 
 BLOCK_SIZE_SHIFT_V1: Final = 12
 FLASH_ACCESS_MS_PER_MB: Final = 8000  # hiomapd's estimate for the timeout hint
 SHORT_LIFETIME: Final = 0x01
+LPC_SPACE: Final = 1 << 28  # the LPC firmware space hiomapd addresses (28 bits)
+
+EVENT_MASK_V1: Final = int(Event.PROTOCOL_RESET)
+EVENT_MASK_V2: Final = int(
+    Event.PROTOCOL_RESET
+    | Event.WINDOW_RESET
+    | Event.FLASH_CONTROL_LOST
+    | Event.DAEMON_READY
+)
+
+# hiomapd's order of the properties in one PropertiesChanged.
+_EMIT_ORDER: Final = (
+    ("FlashControlLost", int(Event.FLASH_CONTROL_LOST)),
+    ("DaemonReady", int(Event.DAEMON_READY)),
+    ("WindowReset", int(Event.WINDOW_RESET)),
+    ("ProtocolReset", int(Event.PROTOCOL_RESET)),
+)
 
 _CLEAN: Final = 0
 _DIRTY: Final = 1
 _ERASED: Final = 2
+
+UNKNOWN_METHOD: Final = "org.freedesktop.DBus.Error.UnknownMethod"
 
 # sd-bus's errno -> error name table for the names hiomapd can produce;
 # everything else becomes System.Error.<ERRNO NAME> (wire reference 5).
@@ -73,16 +120,22 @@ def dbus_error_name(err: int) -> str:
 
 
 class HiomapdError(Exception):
-    """A command failed with ``errno``, as hiomapd's handlers return -errno."""
+    """A command failed with ``errno``, as hiomapd's handlers return -errno
+    (``name`` overrides the error name sd-bus derives from it)."""
 
-    def __init__(self, err: int, text: str) -> None:
+    def __init__(self, err: int, text: str, name: str | None = None) -> None:
         super().__init__(f"{errno.errorcode.get(err, str(err))}: {text}")
         self.errno = err
         self.text = text
+        self._name = name
 
     @property
     def dbus_name(self) -> str:
-        return dbus_error_name(self.errno)
+        return self._name or dbus_error_name(self.errno)
+
+
+class HiomapdCrash(Exception):
+    """hiomapd would die here (SIGSEGV): no reply, no signal, the name goes."""
 
 
 def _power_of_two(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -99,15 +152,21 @@ def _optional_u16(
 
 @attrs.frozen
 class Config:
-    """Emulator parameters (sizes in bytes).
+    """Emulator parameters (sizes and addresses in bytes).
 
     ``flash_size`` is used only when ``flash_path`` does not exist yet (the
     file is then created filled with 0xFF); an existing file's size is the
-    flash size. ``timeout`` None computes hiomapd's hint from the window size
-    (8 s per MiB, rounded up). ``v1_reply`` False reproduces hiomapd's bug of
-    never answering a GetInfo that negotiates v1. ``strict_ack`` makes ACK
-    bits outside 0x03 EINVAL (hiomapd ignores them). ``require_get_info``
-    False serves commands before version negotiation.
+    flash size. ``block_size_shift`` is the erase size (and so the v2 block
+    size) as a power of two; hiomapd's file backend uses 12. ``timeout`` None
+    computes hiomapd's hint from the largest window (8 s per MiB, rounded up).
+    ``strict_ack`` makes ACK bits outside 0x03 EINVAL (hiomapd ignores them).
+    ``lpc_base`` is the LPC firmware address of the start of the window space
+    (the windows' LPC addresses are ``lpc_base`` + their offset in the LPC
+    file); real hiomapd maps its reserved memory at the top of the 28-bit
+    space. ``direct_map`` serves one window covering the whole flash at
+    ``lpc_base`` (``window_size`` and ``window_count`` are then unused), so
+    that a window's LPC address is ``lpc_base`` + flash offset, as QEMU's
+    powernv maps its PNOR (``lpc_base`` 0x0C000000).
     """
 
     flash_path: Path = attrs.field(converter=Path)
@@ -119,28 +178,31 @@ class Config:
     window_size: int = attrs.field(default=1 << 20, validator=_power_of_two)
     window_count: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     timeout: int | None = attrs.field(default=None, validator=_optional_u16)
-    v1_reply: bool = True
     strict_ack: bool = False
-    require_get_info: bool = True
+    lpc_base: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    direct_map: bool = False
 
     @window_size.validator
     def _check_window_size(self, _attribute: object, value: int) -> None:
         if value < 1 << self.block_size_shift:
             raise ValueError("window_size must be at least one block")
-        if (self.window_count * value) >> BLOCK_SIZE_SHIFT_V1 > 0x10000:
-            raise ValueError("the LPC window space must fit 16-bit block addresses")
+
+    def __attrs_post_init__(self) -> None:
+        if self.lpc_base % (1 << self.block_size_shift):
+            raise ValueError(
+                f"lpc_base {self.lpc_base:#x} is not a multiple of the block size"
+            )
+        if not self.direct_map and self.lpc_base + self.lpc_size > LPC_SPACE:
+            raise ValueError(
+                f"the window space ({self.lpc_size:#x} bytes at {self.lpc_base:#x})"
+                " must fit the 28-bit LPC firmware space"
+            )
 
     @property
     def lpc_size(self) -> int:
+        """The window space's size (the flash size under ``direct_map``, known
+        only once the flash is open: see :attr:`Hiomapd.lpc_size`)."""
         return self.window_size * self.window_count
-
-    @property
-    def timeout_hint(self) -> int:
-        """GET_INFO's suggested timeout in seconds."""
-        if self.timeout is not None:
-            return self.timeout
-        mib = self.window_size >> 20
-        return -(-mib * FLASH_ACCESS_MS_PER_MB // 1000)
 
 
 @attrs.frozen
@@ -159,37 +221,50 @@ class _Window:
     size: int = 0
     flash_offset: int | None = None
     age: int = 0
-    bytemap: bytearray = attrs.field(factory=bytearray)
+    bytemap: bytearray | None = None  # None: not allocated yet (no GetInfo)
 
 
 Emission = dict[str, bool]
-"""One PropertiesChanged payload: property name -> new value."""
+"""One PropertiesChanged payload: property name -> value."""
 
 
 class Hiomapd:
-    """hiomapd's protocol state over a flash file and an mmap'ed LPC file."""
+    """hiomapd's protocol state over a flash file and an mmap'ed LPC file.
 
-    def __init__(self, config: Config) -> None:
+    ``garbage`` supplies what hiomapd's uninitialised stack holds where it
+    replies with it (v1 over D-Bus); tests may seed it.
+    """
+
+    def __init__(self, config: Config, garbage: random.Random | None = None) -> None:
         self.config = config
         self._flash_fd, self.flash_size = _open_flash(config)
         try:
-            self._lpc_fd, self._lpc = _open_lpc(config)
+            if config.direct_map:
+                if config.lpc_base + self.flash_size > LPC_SPACE:
+                    raise ValueError(
+                        f"direct map: {self.flash_size:#x} bytes of flash at "
+                        f"{config.lpc_base:#x} exceed the 28-bit LPC space"
+                    )
+                self.window_size, count = self.flash_size, 1
+            else:
+                self.window_size, count = config.window_size, config.window_count
+            self.lpc_size = self.window_size * count
+            self._lpc_fd, self._lpc = _open_lpc(config.lpc_path, self.lpc_size)
         except BaseException:
             os.close(self._flash_fd)
             raise
+        self.garbage = garbage if garbage is not None else random.Random()
         self.version = 2  # hiomapd negotiates its maximum at start-up
-        self.negotiated = False
         self.block_size_shift = config.block_size_shift
+        self.erase_size = 1 << config.block_size_shift
         self.events = 0
         self.suspended = False
-        self._windows = [
-            _Window(mem=i * config.window_size) for i in range(config.window_count)
-        ]
+        self._windows = [_Window(mem=i * self.window_size) for i in range(count)]
         self._current: _Window | None = None
         self._current_is_write = False
         self._max_age = 0
         self._emissions: list[Emission] = []
-        self._reset_windows()
+        self._reset_protocol_state()
 
     def close(self) -> None:
         if self._flash_fd < 0:
@@ -206,50 +281,57 @@ class Hiomapd:
         out, self._emissions = self._emissions, []
         return out
 
-    def set_events(self, bits: int) -> None:
-        self._change_events(self.events | bits)
+    @property
+    def event_mask(self) -> int:
+        """The bits the current protocol version passes to the transport."""
+        return EVENT_MASK_V1 if self.version == 1 else EVENT_MASK_V2
 
-    def clear_events(self, bits: int) -> None:
-        self._change_events(self.events & ~bits)
-
-    def _change_events(self, new: int) -> None:
-        changed = {
-            name: bool(new & bit)
-            for name, bit in PROPERTY_BITS.items()
-            if (new ^ self.events) & bit
+    def _push(self, bits: int) -> None:
+        """One PropertiesChanged naming the properties of ``bits`` (masked by
+        the version) with their current values; nothing for no bits."""
+        bits &= self.event_mask
+        props = {
+            name: bool(self.events & bit) for name, bit in _EMIT_ORDER if bits & bit
         }
-        self.events = new & 0xFF
-        if changed:
-            self._emissions.append(changed)
-
-    def announce_set_events(self) -> None:
-        """Re-emit every set bit (what hiomapd does on GetInfo)."""
-        props = {name: True for name, bit in PROPERTY_BITS.items() if self.events & bit}
         if props:
             self._emissions.append(props)
 
+    def set_events(self, bits: int) -> None:
+        """Set ``bits`` and emit them (even those already set)."""
+        self.events |= bits & 0xFF
+        self._push(bits)
+
+    def clear_events(self, bits: int) -> None:
+        """Clear ``bits`` and emit them (even those already clear)."""
+        self.events &= ~bits & 0xFF
+        self._push(bits)
+
+    def put_events(self) -> None:
+        """Emit every property of the version's mask (start-up and exit)."""
+        self._push(0xFF)
+
     def property_values(self) -> dict[str, bool]:
-        return {name: bool(self.events & bit) for name, bit in PROPERTY_BITS.items()}
+        return {name: bool(self.events & bit) for name, bit in _EMIT_ORDER}
 
     def start(self) -> None:
-        """Daemon start: DAEMON_READY | PROTOCOL_RESET (0x81)."""
+        """Daemon start: DAEMON_READY | PROTOCOL_RESET, all four properties."""
+        self.events |= Event.DAEMON_READY | Event.PROTOCOL_RESET
+        self.put_events()
+
+    def protocol_reset(self) -> None:
+        """hiomapd's protocol_reset() (SIGHUP, and on exit): DaemonReady
+        false; drop the windows, reload the LPC space; DaemonReady and
+        ProtocolReset true."""
+        self.clear_events(Event.DAEMON_READY)
+        self._reset_protocol_state()
         self.set_events(Event.DAEMON_READY | Event.PROTOCOL_RESET)
 
     def stop(self) -> None:
-        """Clean exit: DaemonReady false; the protocol reset (DaemonReady and
-        ProtocolReset true); the final state 0x01 (every other bit cleared)."""
-        self.clear_events(Event.DAEMON_READY)
-        self.events |= Event.DAEMON_READY | Event.PROTOCOL_RESET
-        self._emissions.append({"DaemonReady": True, "ProtocolReset": True})
-        final = {
-            name: bit == Event.PROTOCOL_RESET
-            for name, bit in PROPERTY_BITS.items()
-            if self.events & bit or bit == Event.PROTOCOL_RESET
-        }
-        self.events = int(Event.PROTOCOL_RESET)
-        self._emissions.append(final)
-        self._current = None
-        self._current_is_write = False
+        """Clean exit: the protocol reset, then DaemonReady false and
+        ProtocolReset true, all four properties (three signals in all)."""
+        self.protocol_reset()
+        self.events = (self.events & ~Event.DAEMON_READY) | Event.PROTOCOL_RESET
+        self.put_events()
 
     # -- control ------------------------------------------------------------
 
@@ -261,88 +343,82 @@ class Hiomapd:
     def resume(self, modified: bool = False) -> None:
         if not self.suspended:
             return
-        if modified:
-            had_window = self._current is not None
-            self._reset_windows()
-            if had_window:
-                self.set_events(Event.WINDOW_RESET)
+        if modified and self._reset_windows():
+            self.set_events(Event.WINDOW_RESET)
         self.clear_events(Event.FLASH_CONTROL_LOST)
         self.suspended = False
 
     def force_window_reset(self) -> None:
-        """Drop the window cache (no flush) and raise WINDOW_RESET; always
-        emits, even when the bit was already set."""
+        """Drop the window cache (no flush) and set WINDOW_RESET (emitted even
+        when it was already set)."""
         self._reset_windows()
-        self.events |= Event.WINDOW_RESET
-        self._emissions.append({"WindowReset": True})
+        self.set_events(Event.WINDOW_RESET)
 
     # -- commands -----------------------------------------------------------
 
-    def _gate(self, command: str) -> None:
-        if self.suspended and command not in ("GetInfo", "Ack"):
-            raise HiomapdError(errno.EBUSY, f"{command}: flash control suspended")
-        if (
-            self.config.require_get_info
-            and not self.negotiated
-            and command not in ("Reset", "GetInfo", "Ack")
-        ):
-            raise HiomapdError(errno.EPROTO, f"{command}: GetInfo must come first")
-
     def reset(self) -> None:
-        self._gate("Reset")
-        self._reset_windows()
-        self.negotiated = False
+        """Host-requested: drop the windows (no flush), no event."""
+        self._reset_protocol_state()
 
     def get_info(self, requested: int) -> tuple[int, int, int]:
-        """Negotiate; returns ``(version, block_size_shift, q)`` where ``q`` is
-        the timeout hint (v2) or the default window size in blocks (v1).
-        Re-announces every set event bit."""
-        self._gate("GetInfo")
+        """Negotiate; returns ``(2, block_size_shift, timeout hint)``.
+        Re-announces every set event bit; v1 raises UnknownMethod after
+        switching to v1 (see the module doc)."""
         if requested < 1:
             raise HiomapdError(
                 errno.EINVAL, f"unsupported protocol version {requested}"
             )
         version = min(requested, 2)
-        shift = BLOCK_SIZE_SHIFT_V1 if version == 1 else self.config.block_size_shift
-        if version != self.version or shift != self.block_size_shift:
+        if version != self.version:
             self.version = version
-            self.block_size_shift = shift
             self._reset_windows()
-        self.negotiated = True
-        self.announce_set_events()
         if version == 1:
-            return 1, shift, self.config.window_size >> shift
-        return 2, shift, self.config.timeout_hint
+            self.block_size_shift = BLOCK_SIZE_SHIFT_V1
+        self._alloc_bytemaps()
+        timeout = self._suggested_timeout()
+        self.set_events(self.events)
+        if version == 1:
+            raise HiomapdError(
+                errno.EBADR,
+                "Unknown method GetInfo: negotiated v1, which hiomapd's D-Bus "
+                "transport does not answer",
+                UNKNOWN_METHOD,
+            )
+        return 2, self.block_size_shift, timeout
 
     def get_flash_info(self) -> tuple[int, int]:
-        """``(flash size, erase size)`` in blocks (also for v1: see module doc)."""
-        self._gate("GetFlashInfo")
-        erase = 1 << self.config.block_size_shift
-        return self.flash_size >> self.block_size_shift, erase >> self.block_size_shift
+        """``(flash size, erase size)`` in blocks; under v1 the low and high
+        halves of the flash size in bytes (hiomapd's v1 reply read as v2)."""
+        if self.version == 1:
+            size = self.flash_size & 0xFFFFFFFF
+            return size & 0xFFFF, size >> 16
+        shift = self.block_size_shift
+        return (self.flash_size >> shift) & 0xFFFF, (self.erase_size >> shift) & 0xFFFF
 
     def create_window(
         self, offset: int, size: int, *, write: bool
     ) -> tuple[int, int, int]:
         """Open a window; returns ``(lpc address, size, flash offset)`` in blocks."""
-        del size  # only a hint: windows are window_size (clipped at the flash end)
-        self._gate("CreateWriteWindow" if write else "CreateReadWindow")
+        del size  # ignored: windows are window_size (clipped at the flash end)
         shift = self.block_size_shift
         if self._current is not None:
             if self._current_is_write:
                 self._flush()
             self._close_current(0)
         offset_bytes = offset << shift
-        exact = self.version == 1
+        exact = self.version == 1 and not self.config.direct_map
         window = self._search(offset_bytes, exact)
         if window is None:
             window = self._map(offset_bytes, exact)
         self._current = window
         self._current_is_write = write
+        lpc = ((self.config.lpc_base + window.mem) >> shift) & 0xFFFF
+        if self.version == 1:  # v1 fills in only the address
+            return lpc, self.garbage.getrandbits(16), self.garbage.getrandbits(16)
         assert window.flash_offset is not None
-        return window.mem >> shift, window.size >> shift, window.flash_offset >> shift
+        return lpc, (window.size >> shift) & 0xFFFF, window.flash_offset >> shift
 
     def close_window(self, flags: int) -> None:
-        self._gate("CloseWindow")
         if self._current is None:
             return
         if self._current_is_write:
@@ -350,24 +426,28 @@ class Hiomapd:
         self._close_current(flags)
 
     def mark_dirty(self, offset: int, size: int) -> None:
-        """v2: window offset and size in blocks. v1 (as the D-Bus ``qq`` carries
-        it): absolute flash offset in blocks and size in bytes."""
-        self._gate("MarkDirty")
+        """v2: window offset and size in blocks. v1: ``offset`` is an absolute
+        flash block and the byte count hiomapd reads is uninitialised."""
         window = self._write_window("MarkDirty")
         if self.version == 1:
+            del size  # the D-Bus transport fills in the v2 field, not v1's
             assert window.flash_offset is not None
             start = window.flash_offset >> self.block_size_shift
-            if offset < start:
+            relative = (offset - start) & 0xFFFFFFFF
+            if relative > offset:
                 raise HiomapdError(errno.EINVAL, "MarkDirty before the window")
-            offset -= start
             block = 1 << self.block_size_shift
-            size = (size + block - 1) // block
+            count = self.garbage.getrandbits(32)
+            count = ((count + block - 1) & ~(block - 1) & 0xFFFFFFFF) >> (
+                self.block_size_shift
+            )
+            self._set_bytemap(window, relative, count, _DIRTY)
+            return
         self._set_bytemap(window, offset, size, _DIRTY)
 
     def erase(self, offset: int, size: int) -> None:
-        self._gate("Erase")
         if self.version == 1:
-            raise HiomapdError(errno.EOPNOTSUPP, "Erase is not in protocol v1")
+            raise HiomapdCrash("Erase under v1: hiomapd calls a NULL erase handler")
         window = self._write_window("Erase")
         self._set_bytemap(window, offset, size, _ERASED)
         start = window.mem + (offset << self.block_size_shift)
@@ -375,12 +455,10 @@ class Hiomapd:
         self._lpc[start : start + length] = b"\xff" * length
 
     def flush(self) -> None:
-        self._gate("Flush")
         self._write_window("Flush")
         self._flush()
 
     def ack(self, mask: int) -> None:
-        self._gate("Ack")
         if self.config.strict_ack and mask & ~ACKABLE:
             raise HiomapdError(
                 errno.EINVAL, f"Ack mask {mask:#04x} has bits other than 0x03"
@@ -412,27 +490,46 @@ class Hiomapd:
 
     # -- windows ------------------------------------------------------------
 
+    def _suggested_timeout(self) -> int:
+        if self.config.timeout is not None:
+            return self.config.timeout
+        mib = max(w.size for w in self._windows) >> 20
+        return -(-mib * FLASH_ACCESS_MS_PER_MB // 1000) & 0xFFFF
+
+    def _reset_protocol_state(self) -> None:
+        """hiomapd's __protocol_reset() with the file backend: drop the
+        windows, preload the LPC space with the start of the flash."""
+        self._reset_windows()
+        length = min(self.flash_size, self.lpc_size)
+        self._lpc[:length] = os.pread(self._flash_fd, length, 0)
+
+    def _alloc_bytemaps(self) -> None:
+        for window in self._windows:
+            window.bytemap = bytearray(self.window_size >> self.block_size_shift)
+
     def _write_window(self, command: str) -> _Window:
         if self._current is None or not self._current_is_write:
             raise HiomapdError(errno.EPERM, f"{command} without an open write window")
         return self._current
 
-    def _blocks(self, window: _Window) -> int:
-        return window.size >> self.block_size_shift
-
     def _set_bytemap(self, window: _Window, offset: int, size: int, value: int) -> None:
-        if offset + size > self._blocks(window):
+        blocks = window.size >> self.block_size_shift
+        if offset + size > blocks:
             raise HiomapdError(
-                errno.EINVAL,
-                f"blocks {offset}+{size} exceed the window of {self._blocks(window)}",
+                errno.EACCES, f"blocks {offset}+{size} exceed the window of {blocks}"
             )
+        if window.bytemap is None:
+            if size:
+                raise HiomapdCrash("no GetInfo yet: the dirty bytemap is NULL")
+            return
         window.bytemap[offset : offset + size] = bytes([value]) * size
 
     def _flush(self) -> None:
         window = self._current
         assert window is not None and window.flash_offset is not None
+        assert window.bytemap is not None
         shift = self.block_size_shift
-        for kind, first, count in _runs(window.bytemap[: self._blocks(window)]):
+        for kind, first, count in _runs(window.bytemap[: window.size >> shift]):
             start, length = first << shift, count << shift
             if kind == _DIRTY:
                 data = self._lpc[window.mem + start : window.mem + start + length]
@@ -447,18 +544,22 @@ class Hiomapd:
         self._current = None
         self._current_is_write = False
 
-    def _reset_windows(self) -> None:
+    def _reset_windows(self) -> bool:
+        """Drop every window (no flush); whether one was open."""
+        closed = self._current is not None
         self._current = None
         self._current_is_write = False
         for window in self._windows:
             self._reset_window(window)
         self._max_age = 0
+        return closed
 
     def _reset_window(self, window: _Window) -> None:
         window.flash_offset = None
-        window.size = self.config.window_size
+        window.size = self.window_size
         window.age = 0
-        window.bytemap = bytearray(self.config.window_size >> self.block_size_shift)
+        if window.bytemap is not None:
+            window.bytemap[:] = bytes(len(window.bytemap))
 
     def _search(self, offset: int, exact: bool) -> _Window | None:
         for window in self._windows:
@@ -477,30 +578,37 @@ class Hiomapd:
         if window is None:
             window = min(self._windows, key=lambda w: w.age)
             self._reset_window(window)
-        if not exact:
+        if self.config.direct_map:
+            offset = 0 if offset < self.flash_size else offset
+        elif not exact:
             offset &= ~(window.size - 1)
-        if offset >= self.flash_size:
+        if offset > self.flash_size:
             raise HiomapdError(
                 errno.EINVAL,
                 f"offset {offset:#x} is past the flash ({self.flash_size:#x})",
             )
-        window.size = min(window.size, self.flash_size - offset)
         block = 1 << self.block_size_shift
-        window.size -= window.size % block
-        if window.size == 0:
-            raise HiomapdError(errno.EINVAL, f"offset {offset:#x} maps no whole block")
+        if offset + window.size > self.flash_size:
+            window.size = self.flash_size - offset
+            if self.version == 1:
+                window.size -= window.size % block
+        if window.size == 0:  # the file backend reads nothing: EIO
+            self._reset_window(window)
+            raise HiomapdError(errno.EIO, f"offset {offset:#x} is the flash end")
         data = os.pread(self._flash_fd, window.size, offset)
+        window.size = -(-len(data) // block) * block
         data += b"\xff" * (window.size - len(data))
         self._lpc[window.mem : window.mem + window.size] = data
-        if exact:  # v1: windows may overlap; drop any other mapping this range
+        if self.version == 1:
+            # v1 windows may overlap: drop any other mapping of either end.
+            ends = (offset, offset + window.size - 1)
             for other in self._windows:
-                if other is window or other.flash_offset is None:
-                    continue
-                if other.flash_offset < offset + window.size and offset < (
-                    other.flash_offset + other.size
+                start = other.flash_offset
+                if start is not None and any(
+                    start <= end < start + other.size for end in ends
                 ):
                     self._reset_window(other)
-        window.bytemap[:] = bytes(len(window.bytemap))
+        self._set_bytemap(window, 0, window.size >> self.block_size_shift, _CLEAN)
         window.flash_offset = offset
         self._max_age += 1
         window.age = self._max_age
@@ -544,12 +652,12 @@ def _open_flash(config: Config) -> tuple[int, int]:
     return fd, size
 
 
-def _open_lpc(config: Config) -> tuple[int, mmap.mmap]:
-    fd = os.open(config.lpc_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+def _open_lpc(path: Path, size: int) -> tuple[int, mmap.mmap]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        if os.fstat(fd).st_size != config.lpc_size:
-            os.ftruncate(fd, config.lpc_size)
-        return fd, mmap.mmap(fd, config.lpc_size)
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+        return fd, mmap.mmap(fd, size)
     except BaseException:
         os.close(fd)
         raise
