@@ -31,7 +31,7 @@ def start(args: argparse.Namespace, name: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import btbridged, bthost, hiomapd, host, ipmid
+    from . import btbridged, bthost, hiomapd, host, ipmid, qemu
 
     parser = argparse.ArgumentParser(
         prog="hiomapbridge-sim",
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     host.add_parser(sub)
     bthost.add_parser(sub)
     ipmid.add_parser(sub)
+    qemu.add_parser(sub)
     return parser
 
 
