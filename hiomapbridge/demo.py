@@ -3,8 +3,17 @@ flash, on an ordinary Linux box, in one command.
 
 It starts a private ``dbus-daemon``, the hiomapd emulator and the bridge as
 real subprocesses (each with its own ``NOTIFY_SOCKET``, as systemd runs
-them), and the btbridged stand-in plus the skiboot-like host in this
-process. Then:
+them), and the host side in this process. ``--host`` picks the host side (a
+:class:`HostSetup`):
+
+* ``btbridged`` (default): the btbridged stand-in plus the skiboot-like host;
+  the bridge runs with ``--host btbridged``;
+* ``bt``: the bridge owns the BT interface (``--host bt:SOCK``); the host
+  simulator listens on SOCK, a fake ipmid answers what the bridge forwards,
+  and the host also sends a few ordinary IPMI commands and fetches one
+  SoftOff event of ipmid's through the bridge.
+
+Then:
 
 1. **boot**: the host negotiates and reads the whole flash through the bridge
    (progress on stderr); the SHA-256 of what it read must match the image;
@@ -14,7 +23,8 @@ process. Then:
    bridge (``--scenario crash``: SIGKILL to hiomapd first, and the host must
    learn of the reset from the bridge's crash detection before the bridge
    is stopped). A timeline shows when the host held PROTOCOL_RESET relative
-   to the bridge's exit;
+   to the bridge's exit. In ``bt`` mode, before this, ipmid raises SoftOff
+   and the host, having fetched it, sends Chassis Control (power down);
 4. a summary of measured numbers, and the checks. The exit status is 0 only
    if every check passed.
 
@@ -26,6 +36,7 @@ daemons' notifications when their datagram arrives, and their exits when
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import functools
@@ -37,32 +48,48 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Final, Literal, TextIO, TypeVar
+from typing import Any, ClassVar, Final, Literal, Protocol, TextIO, TypeVar
 
 import attrs
 import trio
 
 from . import __version__
+from .dbus import open_bus
 from .events import describe
 from .hiomap import Command
 from .ipmi import (
     CMD_CLEAR_MESSAGE_FLAGS,
+    CMD_GET_BT_CAPABILITIES,
     CMD_GET_MESSAGE_FLAGS,
     CMD_HIOMAP,
     CMD_READ_EVENT_MESSAGE_BUFFER,
     NETFN_APP,
     NETFN_OEM_IBM,
+    SEL_CMD_HEARTBEAT,
 )
-from .sim.btbridged import Transaction
+from .sim.btbridged import Attention, Transaction
+from .sim.bthost import BtHost
 from .sim.host import (
     DAEMON_READY,
     PROTOCOL_RESET,
     EventRecord,
-    Host,
+    HostClient,
     TryAgain,
     run_host,
+)
+from .sim.ipmid import (
+    CHANNEL_SYSTEM_INTERFACE,
+    CMD_CHASSIS_CONTROL,
+    CMD_GET_DEVICE_ID,
+    DEVICE_ID,
+    NETFN_CHASSIS,
+    SEL_CMD_POWER,
+    SOFT_OFF,
+    ExecuteCall,
+    FakeIpmid,
 )
 from .sim.privatebus import dbus_daemon_path, private_bus
 from .sim.process import Service, python_command, run_service
@@ -70,6 +97,9 @@ from .sim.process import Service, python_command, run_service
 Scenario = Literal["clean", "crash"]
 Fault = Literal["read", "write"]
 T = TypeVar("T")
+#: The skiboot-like host client, over whichever BT interface the host setup
+#: gives it (the setup keeps the typed interface: :attr:`HostSetup.bt`).
+DemoHost = HostClient[Any]
 
 BLOCK: Final = 4096
 #: GET_FLASH_INFO (and the emulator's v1 addressing) count 4 KiB blocks in 16
@@ -164,12 +194,27 @@ def _command_name(tx: Transaction) -> str:
             except ValueError:
                 return f"HIOMAP {tx.data[0]:#04x}"
         return "HIOMAP (empty)"
+    if (tx.netfn, tx.cmd) == (NETFN_CHASSIS, CMD_CHASSIS_CONTROL):
+        action = _CHASSIS_ACTIONS.get(tx.data[0]) if len(tx.data) == 1 else None
+        return f"Chassis Control ({action or tx.data.hex() or 'no data'})"
     names = {
         (NETFN_APP, CMD_GET_MESSAGE_FLAGS): "Get Message Flags",
         (NETFN_APP, CMD_READ_EVENT_MESSAGE_BUFFER): "Read Event Message Buffer",
         (NETFN_APP, CMD_CLEAR_MESSAGE_FLAGS): "Clear Message Flags",
+        (NETFN_APP, CMD_GET_DEVICE_ID): "Get Device ID",
+        (NETFN_APP, CMD_GET_BT_CAPABILITIES): "Get BT Interface Capabilities",
     }
     return names.get((tx.netfn, tx.cmd), f"netfn {tx.netfn:#04x} cmd {tx.cmd:#04x}")
+
+
+#: Chassis Control's data byte (IPMI 2.0 table 28-4).
+_CHASSIS_ACTIONS: Final = {
+    0x00: "power down",
+    0x01: "power up",
+    0x02: "power cycle",
+    0x03: "hard reset",
+    0x05: "soft shutdown",
+}
 
 
 def _latency(tx: Transaction) -> float | None:
@@ -258,6 +303,7 @@ class Options:
     keep: bool
     quiet: bool
     inject_fault: Fault | None
+    host: str = "btbridged"
 
 
 @attrs.define
@@ -268,12 +314,18 @@ class Demo:
     workdir: Path
     out: TextIO
     err: TextIO
+    #: The host side, chosen by ``--host`` (:data:`HOST_SETUPS`).
+    setup: HostSetup = attrs.field(
+        default=attrs.Factory(
+            lambda self: HOST_SETUPS[self.opts.host](self), takes_self=True
+        )
+    )
     checks: list[Check] = attrs.field(factory=list)
     marks: list[Mark] = attrs.field(factory=list)
     image: bytes = b""
     hiomapd: Service | None = None
     bridge: Service | None = None
-    host: Host | None = None
+    host: DemoHost | None = None
     hiomapd_status: int | None = None
     bridge_status: int | None = None
     bytes_read: int = 0
@@ -325,6 +377,7 @@ class Demo:
 
     async def _run(self, bus_address: str) -> None:
         opts = self.opts
+        setup = self.setup
         self.say("== start ==")
         emulator_argv = python_command(
             "hiomapbridge.sim",
@@ -348,9 +401,13 @@ class Demo:
             str(_BRIDGE_SHUTDOWN_TIMEOUT),
             "--log-level",
             "info",
+            *setup.bridge_args(),
         )
         self.say(f"  private dbus-daemon at {bus_address}")
-        async with run_service("hiomapd", emulator_argv, self.workdir) as hiomapd:
+        async with (
+            setup.prepare(bus_address),
+            run_service("hiomapd", emulator_argv, self.workdir) as hiomapd,
+        ):
             self.hiomapd = hiomapd
             self.say(
                 f"  hiomapd emulator: pid {hiomapd.process.pid}, READY=1 after "
@@ -359,24 +416,33 @@ class Demo:
             async with run_service("hiomapbridge", bridge_argv, self.workdir) as bridge:
                 self.bridge = bridge
                 self.say(
-                    f"  hiomapbridge: pid {bridge.process.pid}, READY=1 after "
-                    f"{_ms(_ready(bridge) - bridge.started_at)}"
+                    f"  hiomapbridge{setup.bridge_note}: pid {bridge.process.pid}, "
+                    f"READY=1 after {_ms(_ready(bridge) - bridge.started_at)}"
                 )
-                async with run_host(bus_address, self.lpc_path) as host:
+                async with setup.attach(bus_address) as host:
                     self.host = host
                     self.say(
                         f"  host: negotiated HIOMAP v{host.version}, flash "
                         f"{mib(host.flash_size)}, erase block {host.erase_size} B"
                     )
-                    await self._boot(host)
-                    await self._update(host)
-                    if opts.scenario == "clean":
-                        await self._shutdown_clean(host, hiomapd, bridge)
-                    else:
-                        await self._shutdown_crash(host, hiomapd, bridge)
-                    self.check_requests(host)
+                    await setup.exercise(host, hiomapd, bridge)
 
-    async def _boot(self, host: Host) -> None:
+    async def scenarios(
+        self, host: DemoHost, hiomapd: Service, bridge: Service
+    ) -> None:
+        """The standard run once the host is up: boot, update, the host
+        setup's extras, the scenario's shutdown, the request check."""
+        await self._boot(host)
+        await self._update(host)
+        await self.setup.before_shutdown(host)
+        if self.opts.scenario == "clean":
+            await self._shutdown_clean(host, hiomapd, bridge)
+        else:
+            await self._shutdown_crash(host, hiomapd, bridge)
+        self.check_requests(host)
+        self.setup.final_checks(host)
+
+    async def _boot(self, host: DemoHost) -> None:
         self.say()
         self.say("== boot: read the whole flash through the bridge ==")
         # The bridge tells the host hiomapd's state once btbridged appears
@@ -424,7 +490,7 @@ class Demo:
                 self.retries += 1
         return await op()
 
-    async def _update(self, host: Host) -> None:
+    async def _update(self, host: DemoHost) -> None:
         self.say()
         self.say("== update: write one region, erase another, flush ==")
         size = host.flash_size
@@ -469,8 +535,8 @@ class Demo:
             detail,
         )
 
-    def check_requests(self, host: Host) -> None:
-        txs = host.bt.transactions
+    def check_requests(self, host: DemoHost) -> None:
+        txs = self.setup.bt.transactions
         bad = [tx for tx in txs if not _ok(tx)]
         self.check(
             "every host request was answered with cc 0x00",
@@ -499,7 +565,7 @@ class Demo:
             self.hiomapd_status = await hiomapd.wait()
 
     async def _shutdown_clean(
-        self, host: Host, hiomapd: Service, bridge: Service
+        self, host: DemoHost, hiomapd: Service, bridge: Service
     ) -> None:
         await self._stop_hiomapd(
             hiomapd,
@@ -540,7 +606,7 @@ class Demo:
         )
 
     async def _shutdown_crash(
-        self, host: Host, hiomapd: Service, bridge: Service
+        self, host: DemoHost, hiomapd: Service, bridge: Service
     ) -> None:
         await self._stop_hiomapd(
             hiomapd,
@@ -587,7 +653,7 @@ class Demo:
 
     # -- reporting ------------------------------------------------------------
 
-    def _collect_marks(self, host: Host) -> None:
+    def _collect_marks(self, host: DemoHost) -> None:
         for name, service in (("hiomapd", self.hiomapd), ("bridge", self.bridge)):
             if service is None:
                 continue
@@ -601,11 +667,10 @@ class Demo:
                     "(seen by waitpid)",
                     t=service.exited_at,
                 )
-        for att in host.bt.attentions:
+        for att in self.setup.bt.attentions:
             if att.at.trio >= self.t0:
-                self.mark(
-                    "host", "SMS_ATN (the bridge called setAttention)", t=att.at.trio
-                )
+                self.mark("host", self.setup.attention_note, t=att.at.trio)
+        self.setup.shutdown_marks(self.t0)
         held = _first_reset(host, self.t0)
         for ev in host.events:
             if ev.trio_time < self.t0:
@@ -620,9 +685,7 @@ class Demo:
 
     def print_timeline(self) -> None:
         self.say()
-        self.say("  timeline (ms since the first signal; one clock, this process):")
-        for m in sorted(self.marks, key=lambda m: m.t):
-            self.say(f"  {(m.t - self.t0) * 1000:+10.3f}  {m.who:<8} {m.what}")
+        self.print_marks(self.marks, self.t0, "the first signal")
         if self.bridge is not None:
             said = [
                 _log_message(line)
@@ -634,27 +697,23 @@ class Demo:
                 for line in said:
                     self.say(f"    {line}")
 
+    def print_marks(self, marks: Sequence[Mark], t0: float, since: str) -> None:
+        """A timeline: ``marks`` in time order, in ms since ``t0``."""
+        self.say(f"  timeline (ms since {since}; one clock, this process):")
+        for m in sorted(marks, key=lambda m: m.t):
+            self.say(f"  {(m.t - t0) * 1000:+10.3f}  {m.who:<8} {m.what}")
+
     def print_summary(self) -> None:
         self.say()
         self.say("== summary ==")
         host = self.host
         if host is not None:
-            rows: dict[str, list[Transaction]] = {}
-            for tx in host.bt.transactions:
-                rows.setdefault(_command_name(tx), []).append(tx)
-            hiomap = [
-                tx
-                for tx in host.bt.transactions
-                if (tx.netfn, tx.cmd) == (NETFN_OEM_IBM, CMD_HIOMAP)
-            ]
-            self.say(
-                f"  {'command (host -> bridge)':<34}{'count':>6}{'failed':>7}"
-                f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-            )
-            for name in sorted(rows, key=lambda n: (not n.startswith("HIOMAP"), n)):
-                self.say(_row(name, rows[name]))
-            if hiomap:
-                self.say(_row("HIOMAP round trip, all commands", hiomap))
+            txs = self.setup.bt.transactions
+            answered_by = self.setup.answered_by()
+            if answered_by is None:
+                self._print_table(txs)
+            else:
+                self._print_table_by(txs, answered_by)
             self.say()
             rate = self.bytes_read / self.read_seconds if self.read_seconds else 0.0
             self.say(
@@ -667,14 +726,52 @@ class Demo:
             self.say(
                 f"  events delivered to the host: {len(events)} "
                 f"({', '.join(f'{e.data:#04x}' for e in events) or 'none'}); "
-                f"SMS_ATN raised {len(host.bt.attentions)} times; "
+                f"SMS_ATN raised {len(self.setup.bt.attentions)} times; "
                 f"event fetches dropped: {len(host.fetch_errors)}; "
                 f"operations retried: {self.retries}"
             )
+            for line in self.setup.summary_lines(host):
+                self.say(f"  {line}")
         self.say(
             f"  exit codes: hiomapd {self._final_status(self.hiomapd)}, "
             f"hiomapbridge {self._final_status(self.bridge)}"
         )
+
+    def _print_table(self, txs: Sequence[Transaction]) -> None:
+        rows: dict[str, list[Transaction]] = {}
+        for tx in txs:
+            rows.setdefault(_command_name(tx), []).append(tx)
+        hiomap = [tx for tx in txs if (tx.netfn, tx.cmd) == (NETFN_OEM_IBM, CMD_HIOMAP)]
+        self.say(
+            f"  {'command (host -> bridge)':<34}{'count':>6}{'failed':>7}"
+            f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+        )
+        for name in sorted(rows, key=lambda n: (not n.startswith("HIOMAP"), n)):
+            self.say(_row(name, rows[name]))
+        if hiomap:
+            self.say(_row("HIOMAP round trip, all commands", hiomap))
+
+    def _print_table_by(
+        self, txs: Sequence[Transaction], answered_by: Callable[[Transaction], str]
+    ) -> None:
+        """The table with the component that answered each kind of command
+        (a command kind answered by both is split into two rows)."""
+        rows: dict[tuple[str, str], list[Transaction]] = {}
+        for tx in txs:
+            rows.setdefault((_command_name(tx), answered_by(tx)), []).append(tx)
+        self.say(
+            f"  {'command (host -> BT)':<31}{'answered by':<12}{'count':>5}"
+            f"{'failed':>7}{'cc':>6}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+        )
+        keys = sorted(rows, key=lambda k: (not k[0].startswith("HIOMAP"), k))
+        for name, by in keys:
+            self.say(_row_by(name, by, rows[(name, by)]))
+        hiomap = [tx for tx in txs if (tx.netfn, tx.cmd) == (NETFN_OEM_IBM, CMD_HIOMAP)]
+        if hiomap:
+            self.say(_row_by("HIOMAP round trip, all", "bridge", hiomap))
+        forwarded = [tx for tx in txs if answered_by(tx) == "ipmid"]
+        if forwarded:
+            self.say(_row_by("forwarded to ipmid, all", "ipmid", forwarded))
 
     def _final_status(self, service: Service | None) -> str:
         """A daemon's exit status for the summary, saying who ended it."""
@@ -689,6 +786,10 @@ class Demo:
         if code == -signal.SIGKILL:
             return f"{_status(code)}, sent by the demo's clean-up after a failure"
         return f"{_status(code)} (exited on its own)"
+
+    @property
+    def _host_note(self) -> str:
+        return f", host {self.opts.host}" if self.opts.host != "btbridged" else ""
 
     def print_verdict(self, kept: bool) -> None:
         failed = [c for c in self.checks if not c.ok]
@@ -707,7 +808,7 @@ class Demo:
                         print(f"  {line}", file=out)
             print(
                 f"RESULT: FAIL ({len(failed)} of {len(self.checks)} checks failed, "
-                f"scenario {self.opts.scenario})",
+                f"scenario {self.opts.scenario}{self._host_note})",
                 file=out,
                 flush=True,
             )
@@ -716,7 +817,7 @@ class Demo:
             self.say(f"files and logs kept in {self.workdir}")
         print(
             f"RESULT: PASS (all {len(self.checks)} checks, scenario "
-            f"{self.opts.scenario})",
+            f"{self.opts.scenario}{self._host_note})",
             file=out,
             flush=True,
         )
@@ -753,7 +854,7 @@ def _holds_reset(state: int) -> bool:
     return bool(state & PROTOCOL_RESET) and not state & DAEMON_READY
 
 
-def _first_reset(host: Host, since: float) -> EventRecord | None:
+def _first_reset(host: DemoHost, since: float) -> EventRecord | None:
     """The first HIOMAP event at or after ``since`` carrying PROTOCOL_RESET
     with DAEMON_READY clear."""
     for ev in host.hiomap_events:
@@ -762,21 +863,29 @@ def _first_reset(host: Host, since: float) -> EventRecord | None:
     return None
 
 
-def _row(name: str, txs: list[Transaction]) -> str:
+def _latency_columns(txs: list[Transaction]) -> str:
+    """p50, p99 and max latency (ms) of ``txs``, 9 characters each."""
     latencies = [lat for tx in txs if (lat := _latency(tx)) is not None]
+    if not latencies:
+        return f"{'-':>9}" * 3
+    return "".join(
+        f"{v * 1000:9.2f}"
+        for v in (percentile(latencies, 50), percentile(latencies, 99), max(latencies))
+    )
+
+
+def _row(name: str, txs: list[Transaction]) -> str:
     failed = sum(1 for tx in txs if not _ok(tx))
-    if latencies:
-        stats = "".join(
-            f"{v * 1000:9.2f}"
-            for v in (
-                percentile(latencies, 50),
-                percentile(latencies, 99),
-                max(latencies),
-            )
-        )
-    else:
-        stats = f"{'-':>9}" * 3
-    return f"  {name:<34}{len(txs):>6}{failed:>7}{stats}"
+    return f"  {name:<34}{len(txs):>6}{failed:>7}{_latency_columns(txs)}"
+
+
+def _row_by(name: str, by: str, txs: list[Transaction]) -> str:
+    """A row of the table with responders: who answered, and the completion
+    codes the host got."""
+    failed = sum(1 for tx in txs if not _ok(tx))
+    codes = sorted({tx.delivered.cc for tx in txs if tx.delivered is not None})
+    cc = ",".join(f"{c:#04x}" for c in codes) or "-"
+    return f"  {name:<31}{by:<12}{len(txs):>5}{failed:>7}{cc:>6}{_latency_columns(txs)}"
 
 
 def _differences(model: bytes | bytearray, actual: bytes) -> list[int]:
@@ -801,6 +910,392 @@ def _corrupt(path: Path, offset: int) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
+# -- the host side ------------------------------------------------------------------
+
+
+class RecordingBt(Protocol):
+    """What the demo reads of the host's BT interface after the run (both
+    :class:`~hiomapbridge.sim.btbridged.BtBridge` and
+    :class:`~hiomapbridge.sim.bthost.BtHost` record these)."""
+
+    @property
+    def transactions(self) -> list[Transaction]: ...
+
+    @property
+    def attentions(self) -> list[Attention]: ...
+
+
+class HostSetup(abc.ABC):
+    """The host side of one demo run, chosen by ``--host`` (see
+    :data:`HOST_SETUPS`).
+
+    :meth:`Demo._run` composes a run as: :meth:`prepare` (host-side pieces
+    that must exist before the daemons), the hiomapd emulator, the bridge
+    with :meth:`bridge_args`, :meth:`attach` (yields the host client once it
+    has negotiated), then :meth:`exercise`. The default :meth:`exercise` is
+    the standard run (:meth:`Demo.scenarios`), which calls back
+    :meth:`before_shutdown` and :meth:`final_checks`; the summary asks
+    :meth:`answered_by` and :meth:`summary_lines`. A new host kind subclasses
+    this, overrides what differs and registers in :data:`HOST_SETUPS` (the
+    ``--host`` choices come from there).
+    """
+
+    #: The ``--host`` value.
+    name: ClassVar[str]
+    #: The timeline's text for one SMS_ATN the host saw.
+    attention_note: ClassVar[str] = "SMS_ATN (the bridge raised it)"
+    #: Shown after "hiomapbridge" in the start-up lines.
+    bridge_note: ClassVar[str] = ""
+
+    def __init__(self, demo: Demo) -> None:
+        self.demo = demo
+
+    @property
+    @abc.abstractmethod
+    def bt(self) -> RecordingBt:
+        """The host's BT interface (valid once :meth:`attach` yielded)."""
+
+    def bridge_args(self) -> list[str]:
+        """Extra arguments for the bridge's command line."""
+        return []
+
+    @asynccontextmanager
+    async def prepare(self, bus_address: str) -> AsyncIterator[None]:
+        """Run what must be up before hiomapd and the bridge start."""
+        await trio.lowlevel.checkpoint()
+        yield
+
+    @abc.abstractmethod
+    def attach(self, bus_address: str) -> AbstractAsyncContextManager[DemoHost]:
+        """Run the host client, started (HIOMAP negotiated), while the
+        bridge runs."""
+
+    async def exercise(self, host: DemoHost, hiomapd: Service, bridge: Service) -> None:
+        """Everything the run does with the host up."""
+        await self.demo.scenarios(host, hiomapd, bridge)
+
+    async def before_shutdown(self, host: DemoHost) -> None:
+        """Between the update and the shutdown scenario."""
+        await trio.lowlevel.checkpoint()
+
+    def shutdown_marks(self, t0: float) -> None:
+        """Add this host side's own marks to the shutdown timeline
+        (:meth:`Demo.mark`); none by default."""
+        return None
+
+    def final_checks(self, host: DemoHost) -> None:
+        """Checks of this host side, after the shutdown; none by default."""
+        return None
+
+    def answered_by(self) -> Callable[[Transaction], str] | None:
+        """Which component answered each host request, for the summary
+        (None: the bridge answers everything; the plain table)."""
+        return None
+
+    def summary_lines(self, host: DemoHost) -> list[str]:
+        return []
+
+
+class BtbridgedSetup(HostSetup):
+    """``--host btbridged``: the btbridged stand-in and the skiboot-like
+    host in this process; the bridge reaches them over D-Bus."""
+
+    name = "btbridged"
+    attention_note = "SMS_ATN (the bridge called setAttention)"
+
+    def __init__(self, demo: Demo) -> None:
+        super().__init__(demo)
+        self._host: DemoHost | None = None
+
+    @property
+    def bt(self) -> RecordingBt:
+        assert self._host is not None, "the host is not attached"
+        bt: RecordingBt = self._host.bt
+        return bt
+
+    @asynccontextmanager
+    async def attach(self, bus_address: str) -> AsyncIterator[DemoHost]:
+        async with run_host(bus_address, self.demo.lpc_path) as host:
+            self._host = host
+            yield host
+
+
+#: The BT interface's socket, in the workdir (unix sun_path is 108 bytes).
+_BT_SOCKET: Final = "bt.sock"
+_BT_CAPS_FIELDS: Final = 5
+
+
+class BtSetup(HostSetup):
+    """``--host bt``: the bridge owns the BT interface (``--host bt:SOCK``).
+
+    The host simulator :class:`~hiomapbridge.sim.bthost.BtHost` listens on
+    SOCK and the skiboot-like host runs over it; a
+    :class:`~hiomapbridge.sim.ipmid.FakeIpmid` on the private bus answers
+    every command the bridge forwards. Before negotiating HIOMAP the host
+    asks Get BT Interface Capabilities (the bridge answers) and Get Device
+    ID (forwarded to ipmid), as skiboot does; before the shutdown, ipmid
+    raises SoftOff (through the bridge's ``setAttention``), the host fetches
+    it and sends Chassis Control (power down), which reaches ipmid."""
+
+    name = "bt"
+    attention_note = "SMS_ATN (the bridge raised it on the BT seam)"
+    bridge_note = " (--host bt:SOCK, owns the BT interface)"
+
+    def __init__(self, demo: Demo) -> None:
+        super().__init__(demo)
+        self.socket = demo.workdir / _BT_SOCKET
+        self._short_dir: Path | None = None
+        if len(str(self.socket)) > _MAX_SOCKET_PATH:  # main() checks the workdir
+            self._short_dir = Path(tempfile.mkdtemp(prefix="hb-demo-"))
+            self.socket = self._short_dir / _BT_SOCKET
+        self._bt: BtHost | None = None
+        self._ipmid: FakeIpmid | None = None
+
+    @property
+    def bt(self) -> BtHost:
+        assert self._bt is not None, "the BT interface is not running"
+        return self._bt
+
+    @property
+    def ipmid(self) -> FakeIpmid:
+        assert self._ipmid is not None, "ipmid is not running"
+        return self._ipmid
+
+    def bridge_args(self) -> list[str]:
+        return ["--host", f"bt:{self.socket}"]
+
+    @asynccontextmanager
+    async def prepare(self, bus_address: str) -> AsyncIterator[None]:
+        demo = self.demo
+        try:
+            async with open_bus(bus_address) as bus, trio.open_nursery() as nursery:
+                self._bt = BtHost(self.socket)
+                await nursery.start(self._bt.serve)
+                demo.say(f"  host BT interface (BtHost): listening on {self.socket}")
+                self._ipmid = FakeIpmid()
+                await nursery.start(self._ipmid.serve, bus)
+                demo.say(
+                    "  ipmid (FakeIpmid): owns xyz.openbmc_project.Ipmi.Host, "
+                    "answers execute()"
+                )
+                yield
+                nursery.cancel_scope.cancel()
+        finally:
+            if self._short_dir is not None:
+                shutil.rmtree(self._short_dir, ignore_errors=True)
+
+    @asynccontextmanager
+    async def attach(self, bus_address: str) -> AsyncIterator[DemoHost]:
+        demo, bt = self.demo, self.bt
+        async with trio.open_nursery() as nursery:
+            host: DemoHost = HostClient(bt, demo.lpc_path)
+            await nursery.start(host.run)
+            with trio.move_on_after(10):
+                await bt.wait_connected()
+            if not bt.connected:
+                raise TimeoutError(
+                    f"the bridge did not connect to {self.socket} within 10 s"
+                )
+            demo.say(f"  host: the bridge connected to {self.socket}")
+            with trio.fail_after(10):
+                caps = await host.raw(NETFN_APP, CMD_GET_BT_CAPABILITIES)
+                device = await host.raw(NETFN_APP, CMD_GET_DEVICE_ID)
+                await host.start()
+            self._check_caps(caps.cc, caps.data)
+            self._check_device_id(device.cc, device.data)
+            yield host
+            nursery.cancel_scope.cancel()
+
+    def _check_caps(self, cc: int, data: bytes) -> None:
+        forwarded = [c for c in self.ipmid.calls if c.cmd == CMD_GET_BT_CAPABILITIES]
+        if cc == 0 and len(data) == _BT_CAPS_FIELDS:
+            detail = (
+                f"{data[0]} request(s) outstanding, {data[1] + 1}-byte buffers, "
+                f"{data[3]} s transaction time, {data[4]} retry(ies)"
+            )
+        else:
+            detail = f"cc {cc:#04x}, data {data.hex() or '-'}"
+        if forwarded:
+            detail += "; but ipmid was asked too"
+        self.demo.check(
+            "Get BT Interface Capabilities answered by the bridge",
+            cc == 0 and len(data) == _BT_CAPS_FIELDS and not forwarded,
+            detail,
+        )
+
+    def _check_device_id(self, cc: int, data: bytes) -> None:
+        calls = [c for c in self.ipmid.calls if c.cmd == CMD_GET_DEVICE_ID]
+        channels = ", ".join(str(c.channel) for c in calls) or "-"
+        self.demo.check(
+            "Get Device ID forwarded to ipmid, on the system interface channel",
+            cc == 0
+            and data == DEVICE_ID
+            and [c.channel for c in calls] == [CHANNEL_SYSTEM_INTERFACE],
+            f"cc {cc:#04x}, {len(data)} B "
+            f"{'identical to' if data == DEVICE_ID else 'differing from'} ipmid's "
+            f"answer; ipmid saw {len(calls)} call(s), on channel {channels} "
+            f"(15: system interface)",
+        )
+
+    async def before_shutdown(self, host: DemoHost) -> None:
+        demo, ipmid, bt = self.demo, self.ipmid, self.bt
+        demo.say()
+        demo.say("== power off: ipmid asks the host for a soft off ==")
+        start = trio.current_time()
+        command = ipmid.soft_off()
+        demo.say("  ipmid queued SoftOff (SEL command 0x04) and calls setAttention")
+
+        def soft_off_fetched() -> bool:
+            return _soft_off(host, start) is not None
+
+        with trio.move_on_after(10):
+            await host.wait_until(soft_off_fetched)
+        record = _soft_off(host, start)
+        demo.check(
+            "host fetched ipmid's SoftOff through the bridge",
+            record is not None and command.outcome == "delivered",
+            f"record {record.record.hex()} after {_ms(record.trio_time - start)}"
+            if record is not None
+            else f"nothing within 10 s (ipmid's command: {command.outcome})",
+        )
+        # The host's OS shuts down; then it asks the BMC to power it off.
+        power = await host.raw(NETFN_CHASSIS, CMD_CHASSIS_CONTROL, b"\x00")
+        demo.check(
+            "Chassis Control (power down) forwarded to ipmid",
+            power.cc == 0 and ipmid.chassis_controls == [0x00],
+            f"cc {power.cc:#04x}; ipmid acted on "
+            f"{', '.join(f'{b:#04x}' for b in ipmid.chassis_controls) or 'nothing'}",
+        )
+        marks = self._exchange_marks(start)
+        for att in bt.attentions:
+            if att.at.trio >= start:
+                marks.append(Mark(att.at.trio, "host", self.attention_note))
+        for attention in ipmid.attentions:
+            if attention.at.trio >= start:
+                marks.append(
+                    Mark(
+                        attention.at.trio,
+                        "ipmid",
+                        "setAttention() on org.openbmc.HostIpmi (owned by the bridge)",
+                    )
+                )
+        marks.append(Mark(command.queued.trio, "ipmid", "queued SoftOff"))
+        if command.done is not None:
+            marks.append(Mark(command.done.trio, "ipmid", f"SoftOff {command.outcome}"))
+        if record is not None:
+            marks.append(
+                Mark(record.trio_time, "host", "holds SoftOff (record 0x04 0x00)")
+            )
+        demo.print_marks(marks, start, "ipmid queued SoftOff")
+
+    def _exchange_marks(self, since: float) -> list[Mark]:
+        """One mark per host request sent at or after ``since``, with who
+        answered it."""
+        by = self.answered_by()
+        marks = []
+        for tx in self.bt.transactions:
+            if tx.sent.trio < since or tx.delivered_at is None:
+                continue
+            cc = tx.delivered.cc if tx.delivered is not None else -1
+            marks.append(
+                Mark(
+                    tx.delivered_at.trio,
+                    "host",
+                    f"{_command_name(tx)}: cc {cc:#04x}, answered by {by(tx)}",
+                )
+            )
+        return marks
+
+    def shutdown_marks(self, t0: float) -> None:
+        for mark in self._exchange_marks(t0):
+            self.demo.marks.append(mark)
+
+    def final_checks(self, host: DemoHost) -> None:
+        bt = self.bt
+        self.demo.check(
+            "every BT frame from the bridge was well formed",
+            not bt.violations,
+            f"{sum(1 for f in bt.frames if f.direction == 'b2h')} frames"
+            if not bt.violations
+            else "; ".join(bt.violations[:3]),
+        )
+
+    def answered_by(self) -> Callable[[Transaction], str]:
+        forwarded = _forwarded(self.bt.transactions, self.ipmid.calls)
+
+        def by(tx: Transaction) -> str:
+            return "ipmid" if id(tx) in forwarded else "bridge"
+
+        return by
+
+    def summary_lines(self, host: DemoHost) -> list[str]:
+        ipmid, bt = self.ipmid, self.bt
+        channels = sorted({c.channel for c in ipmid.calls}, key=str)
+        records = [
+            f"{_SEL_NAMES.get(ev.command, f'{ev.command:#04x}')} "
+            f"({ev.command:#04x} {ev.data:#04x})"
+            for ev in host.events
+            if not ev.is_hiomap and ev.command is not None and ev.data is not None
+        ]
+        commands = ", ".join(
+            f"{_SEL_NAMES.get(c.cmd, f'{c.cmd:#04x}')} {c.outcome}"
+            for c in ipmid.host_commands
+        )
+        return [
+            f"ipmid: {len(ipmid.calls)} execute calls on channel(s) "
+            f"{', '.join(str(ch) for ch in channels) or '-'}; its host commands: "
+            f"{commands or 'none'}; its records the host fetched: "
+            f"{', '.join(records) or 'none'}; Chassis Control acted on: "
+            f"{', '.join(f'{b:#04x}' for b in ipmid.chassis_controls) or 'none'}",
+            f"BT seam: {sum(1 for f in bt.frames if f.direction == 'h2b')} frames "
+            f"host -> bridge, {sum(1 for f in bt.frames if f.direction == 'b2h')} "
+            f"bridge -> host (SMS_ATN included), {bt.connections} connection(s), "
+            f"{len(bt.violations)} framing violations",
+        ]
+
+
+_SEL_NAMES: Final = {SEL_CMD_POWER: "SoftOff", SEL_CMD_HEARTBEAT: "heartbeat"}
+
+
+def _soft_off(host: DemoHost, since: float) -> EventRecord | None:
+    for ev in host.events:
+        if ev.trio_time >= since and (ev.command, ev.data) == (SEL_CMD_POWER, SOFT_OFF):
+            return ev
+    return None
+
+
+def _forwarded(
+    txs: Sequence[Transaction], calls: Sequence[ExecuteCall]
+) -> dict[int, ExecuteCall]:
+    """The host requests the bridge forwarded to ipmid: ``id(tx)`` -> the
+    ``execute`` call with the same request that ipmid received while the
+    host waited for the answer (one call per request, in order)."""
+    matched: dict[int, ExecuteCall] = {}
+    for call in calls:
+        for tx in txs:
+            if id(tx) in matched:
+                continue
+            if (tx.netfn, tx.lun, tx.cmd, tx.data) != (
+                call.netfn,
+                call.lun,
+                call.cmd,
+                call.data,
+            ):
+                continue
+            answered = tx.delivered_at.trio if tx.delivered_at else math.inf
+            if tx.sent.trio <= call.at.trio <= answered:
+                matched[id(tx)] = call
+                break
+    return matched
+
+
+#: ``--host`` value -> its host setup.
+HOST_SETUPS: Final[dict[str, Callable[[Demo], HostSetup]]] = {
+    BtbridgedSetup.name: BtbridgedSetup,
+    BtSetup.name: BtSetup,
+}
+
+
 # -- command line -------------------------------------------------------------------
 
 
@@ -810,7 +1305,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run the whole HIOMAP path on this machine: a private dbus-daemon, "
             "the hiomapd emulator and hiomapbridge as real subprocesses, and a "
-            "skiboot-like host behind a btbridged stand-in. The host boots "
+            "skiboot-like host (behind a btbridged stand-in, or on the BT "
+            "interface itself with --host bt). The host boots "
             "(reads the whole flash, checks its SHA-256), writes and erases, "
             "then everything shuts down in systemd order and a timeline shows "
             "the host holding PROTOCOL_RESET before the bridge exits. Needs "
@@ -828,6 +1324,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="clean",
         help="clean: SIGTERM hiomapd then the bridge (default); crash: SIGKILL "
         "hiomapd, the host must still learn of the reset",
+    )
+    parser.add_argument(
+        "--host",
+        choices=tuple(HOST_SETUPS),
+        default="btbridged",
+        help="how the host reaches the bridge. btbridged (default): the "
+        "bridge runs with --host btbridged, the host sits behind a btbridged "
+        "stand-in. bt: the bridge runs with --host bt:SOCK and owns the BT "
+        "interface, whose host end (a simulator) listens on a unix socket in "
+        "the workdir; a fake ipmid answers what the bridge forwards, the host "
+        "also sends Get BT Interface Capabilities, Get Device ID and Chassis "
+        "Control (power down) and fetches ipmid's SoftOff event, and the "
+        "summary shows whether the bridge or ipmid answered each command",
     )
     parser.add_argument(
         "--flash",
@@ -934,6 +1443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep=args.keep,
         quiet=args.quiet,
         inject_fault=args.inject_fault,
+        host=args.host,
     )
     err = sys.stderr
     if opts.flash is not None and (problem := _check_flash_file(opts.flash)):
@@ -985,7 +1495,10 @@ def _execute(demo: Demo) -> None:
     """Prepare the image, run the bus and the demo's trio part, and check
     the user's image afterwards."""
     opts = demo.opts
-    demo.say(f"hiomapbridge-demo {__version__}: scenario {opts.scenario}")
+    demo.say(
+        f"hiomapbridge-demo {__version__}: scenario {opts.scenario}"
+        + (f", host {opts.host}" if opts.host != "btbridged" else "")
+    )
     demo.say(f"  workdir {demo.workdir}")
     _prepare_image(demo)
     with contextlib.ExitStack() as stack:
