@@ -254,8 +254,42 @@ class _Outstanding:
         self.reply_when_taken: Message | None = None
 
 
+class HostSide:
+    """What every simulated host end shares (:class:`BtBridge`, and
+    :class:`~hiomapbridge.sim.bthost.BtHost`): the SMS_ATN latch and waiting
+    on state.  Subclasses hold ``attentions``, ``_attention_latched`` and
+    ``_change``, and call :meth:`_changed` on every change."""
+
+    attentions: list[Attention]
+    _attention_latched: bool
+    _change: trio.Event
+
+    def _changed(self) -> None:
+        self._change.set()
+        self._change = trio.Event()
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Wait until ``condition()`` is true; re-checked on every change."""
+        while not condition():
+            await self._change.wait()
+
+    async def wait_attention(self) -> None:
+        """Wait for SMS_ATN and consume it (a latch, like the BT control
+        register's SMS_ATN bit: several raises before one wait count once)."""
+        await self.wait_until(lambda: self._attention_latched)
+        self._attention_latched = False
+
+    @property
+    def attention_pending(self) -> bool:
+        return self._attention_latched
+
+    @property
+    def attention_count(self) -> int:
+        return len(self.attentions)
+
+
 @attrs.define(eq=False)
-class BtBridge:
+class BtBridge(HostSide):
     """The host's BT interface plus btbridged, serving on one bus connection.
 
     Start with ``await nursery.start(bt.serve, bus)``. Requests carry 8-bit
@@ -596,20 +630,6 @@ class BtBridge:
             if o.reply_when_taken is not None:
                 self._reply_taken(o.reply_when_taken)
 
-    async def wait_attention(self) -> None:
-        """Wait for SMS_ATN and consume it (a latch, like the BT control
-        register's SMS_ATN bit: several raises before one wait count once)."""
-        await self.wait_until(lambda: self._attention_latched)
-        self._attention_latched = False
-
-    @property
-    def attention_pending(self) -> bool:
-        return self._attention_latched
-
-    @property
-    def attention_count(self) -> int:
-        return len(self.attentions)
-
     @property
     def outstanding(self) -> list[Transaction]:
         return [o.tx for o in self._outstanding.values()]
@@ -661,17 +681,7 @@ class BtBridge:
         self._hooks.append(hook)
         return hook
 
-    # -- waiting on state -------------------------------------------------
-
-    def _changed(self) -> None:
-        self._change.set()
-        self._change = trio.Event()
-
-    async def wait_until(self, condition: Callable[[], bool]) -> None:
-        """Wait until ``condition()`` is true; re-checked on every change
-        (request, response, delivery, timeout, attention, hook match)."""
-        while not condition():
-            await self._change.wait()
+    # -- reports ----------------------------------------------------------
 
     def timeline(self) -> Iterator[dict[str, Any]]:
         """Transactions and attentions as dicts, ordered by time."""

@@ -34,7 +34,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -49,6 +49,7 @@ from hiomapbridge.sim.btbridged import (
     MAX_REQUEST_DATA,
     Attention,
     BtTimeout,
+    HostSide,
     NotServing,
     Response,
     Stamp,
@@ -123,7 +124,7 @@ class _Pending:
         self.answered = trio.Event()
 
 
-class BtHost:
+class BtHost(HostSide):
     """The host's end of the ``bt:`` seam. Start with
     ``await nursery.start(bt.serve)``; then the bridge may connect to
     ``path``.
@@ -415,35 +416,11 @@ class BtHost:
         if self._conn is not None:
             self._close(self._conn)
 
-    async def wait_attention(self) -> None:
-        """Wait for SMS_ATN and consume it (a latch, like the BT control
-        register's SMS_ATN bit: several raises before one wait count once)."""
-        await self.wait_until(lambda: self._attention_latched)
-        self._attention_latched = False
-
-    @property
-    def attention_pending(self) -> bool:
-        return self._attention_latched
-
-    @property
-    def attention_count(self) -> int:
-        return len(self.attentions)
-
     @property
     def outstanding(self) -> list[Transaction]:
         return [p.tx for p in self._outstanding.values() if not p.raw]
 
-    # -- waiting on state -------------------------------------------------
-
-    def _changed(self) -> None:
-        self._change.set()
-        self._change = trio.Event()
-
-    async def wait_until(self, condition: Callable[[], bool]) -> None:
-        """Wait until ``condition()`` is true; re-checked on every change
-        (connection, packet either way, transaction end, violation)."""
-        while not condition():
-            await self._change.wait()
+    # -- reports ----------------------------------------------------------
 
     def timeline(self) -> Iterator[dict[str, Any]]:
         """Transactions and attentions as dicts ordered by time (the rows of
