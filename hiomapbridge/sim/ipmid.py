@@ -54,6 +54,8 @@ from jeepney import DBusAddress, HeaderFields, Message, new_method_call
 from jeepney.bus_messages import MatchRule
 
 from hiomapbridge.dbus import Bus, BusClosed, DBusError, open_bus, sender_of
+from hiomapbridge.forward import CHANNEL_PREFIX as CHANNEL_NAME_PREFIX
+from hiomapbridge.forward import IPMID_IFACE, IPMID_PATH, IPMID_SERVICE
 from hiomapbridge.ipmi import (
     CMD_GET_MESSAGE_FLAGS,
     CMD_READ_EVENT_MESSAGE_BUFFER,
@@ -71,10 +73,10 @@ from hiomapbridge.sim.btbridged import Stamp
 
 log = logging.getLogger(__name__)
 
-SERVICE: Final = "xyz.openbmc_project.Ipmi.Host"
-PATH: Final = "/xyz/openbmc_project/Ipmi"
-INTERFACE: Final = "xyz.openbmc_project.Ipmi.Server"
-CHANNEL_PREFIX: Final = "xyz.openbmc_project.Ipmi.Channel"
+SERVICE: Final = IPMID_SERVICE
+PATH: Final = IPMID_PATH
+INTERFACE: Final = IPMID_IFACE
+CHANNEL_PREFIX: Final = CHANNEL_NAME_PREFIX.rstrip(".")
 EXECUTE_SIGNATURE: Final = "yyyaya{sv}"
 REPLY_SIGNATURE: Final = "yyyyay"
 
