@@ -44,7 +44,12 @@ def test_version_and_help() -> None:
     ).stdout
     for option in (
         "--bus",
+        "--host",
         "--hiomapd-timeout",
+        "--ipmid-timeout",
+        "--bt-transaction-time",
+        "--ipmi-channel",
+        "Timing budget",
         "--atn-interval",
         "--shutdown-timeout",
         "--log-level",
