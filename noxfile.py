@@ -135,9 +135,12 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=DEFAULT_PYTHON)
 def demo(session: nox.Session) -> None:
-    """End-to-end demo: private bus, simulated host and hiomapd, the bridge."""
+    """End-to-end demo: real skiboot firmware in QEMU as the host (the
+    simulated host where QEMU cannot run), hiomapd's emulator, ipmid's
+    stand-in and the bridge on a private bus. Arguments after -- replace the
+    default ``--host qemu``."""
     session.install(".")
-    session.run("hiomapbridge-demo", *session.posargs)
+    session.run("hiomapbridge-demo", *(session.posargs or ["--host", "qemu"]))
 
 
 SDIST_MUST_CONTAIN = ("hiomapbridge/", "tests/", "contrib/", "docs/")

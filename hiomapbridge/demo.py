@@ -1327,9 +1327,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--host",
-        choices=tuple(HOST_SETUPS),
+        choices=(*HOST_SETUPS, "qemu"),
         default="btbridged",
-        help="how the host reaches the bridge. btbridged (default): the "
+        help="how the host reaches the bridge. qemu: real skiboot firmware in "
+        "QEMU powernv9 boots through the whole chain (its own acts: boot, "
+        "systemd-order shutdown with the firmware alive, a boot with the BMC "
+        "side gone, a restart it recovers from; see --bridge-host), falling "
+        "back to the simulated host (--bridge-host) when QEMU or skiboot.lid "
+        "is missing. btbridged (default): the "
         "bridge runs with --host btbridged, the host sits behind a btbridged "
         "stand-in. bt: the bridge runs with --host bt:SOCK and owns the BT "
         "interface, whose host end (a simulator) listens on a unix socket in "
@@ -1337,6 +1342,13 @@ def build_parser() -> argparse.ArgumentParser:
         "also sends Get BT Interface Capabilities, Get Device ID and Chassis "
         "Control (power down) and fetches ipmid's SoftOff event, and the "
         "summary shows whether the bridge or ipmid answered each command",
+    )
+    parser.add_argument(
+        "--bridge-host",
+        choices=("bt", "btbridged"),
+        default="bt",
+        help="with --host qemu: how the bridge reaches skiboot (default bt); "
+        "--scenario, --flash, --flash-size and --window-size do not apply",
     )
     parser.add_argument(
         "--flash",
@@ -1433,6 +1445,25 @@ def _check_flash_file(path: Path) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.host == "qemu":
+        from . import demo_qemu
+
+        status = demo_qemu.run_demo(
+            demo_qemu.Options(
+                bridge_host=args.bridge_host,
+                workdir=args.workdir,
+                keep=args.keep,
+                quiet=args.quiet,
+            )
+        )
+        if status != demo_qemu.EXIT_UNAVAILABLE:
+            return status
+        print(
+            "hiomapbridge-demo: falling back to the simulated host "
+            f"(--host {args.bridge_host})",
+            file=sys.stderr,
+        )
+        args.host = args.bridge_host
     opts = Options(
         scenario=args.scenario,
         flash=args.flash,

@@ -143,7 +143,7 @@ def test_help_as_a_subprocess() -> None:
     assert result.stdout.startswith("usage: hiomapbridge-demo")
     for option in (
         "--scenario",
-        "--host {btbridged,bt}",
+        "--host {btbridged,bt,qemu}",
         "--flash",
         "--flash-size",
         "--workdir",
