@@ -6,22 +6,28 @@ One run, over a real private dbus-daemon:
 * the hiomapd emulator (in this process, on its own bus connection);
 * the btbridged stand-in and the skiboot-like host client (in this process);
 * the bridge, as a real subprocess (``python -m hiomapbridge``), started the
-  way systemd starts it (``NOTIFY_SOCKET``, READY=1, SIGTERM).
+  way systemd starts it (``NOTIFY_SOCKET``, READY=1, SIGTERM);
+* beside it, a second bridge in ``--host bt:PATH`` mode on a second private
+  dbus-daemon with its own hiomapd emulator and fake ipmid (it owns
+  ``org.openbmc.HostIpmi``, which the btbridged stand-in holds on the first
+  bus), and a lean host on its SOCK_SEQPACKET seam (:class:`SeamHost`).
 
 Per repeat: exec -> READY=1; HIOMAP round trips seen by the host through the
 bridge, alternating in blocks with the same calls made directly to the
-emulator over D-Bus (so the overhead ratio comes from one run); the bridge's
-CPU time over the bridged blocks from ``/proc/<pid>/stat``; event latency
+emulator over D-Bus and the same commands through the ``bt:`` bridge (so
+both ratios come from one run); each bridge's CPU time over its own blocks
+from ``/proc/<pid>/stat``; event latency
 (emulator's ``PropertiesChanged`` -> the host holds the byte); SIGTERM ->
 exit with a responsive host.  Then, once: a soak of ``--soak`` commands
 (RSS at start and after), and a profiled run (py-spy if it works here, else
-cProfile) whose summary is saved beside the results.
+cProfile) of each mode whose summaries are saved beside the results.
 
 Writes ``OUT/results.json`` (medians over the repeats), ``OUT/results.md``,
 ``OUT/runs.json`` (every repeat, the RSS series, the profile split),
-``OUT/latency.png`` and ``OUT/profile-*.txt``.
+``OUT/latency.png``, ``OUT/profile-*.txt`` (btbridged mode) and
+``OUT/profile-bt*.txt`` (``bt:`` mode).
 
-    python bench/run.py                 # 3 repeats of 10,000 commands + 100k soak
+    python bench/run.py                 # 5 repeats of 10,000 commands + 100k soak
     python bench/run.py --quick         # a few seconds: checks the harness only
 """
 
@@ -36,6 +42,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -48,7 +55,7 @@ from typing import Any
 
 import trio
 
-from hiomapbridge import wire
+from hiomapbridge import bt, wire
 from hiomapbridge.dbus import Bus, open_bus
 from hiomapbridge.hiomap import (
     HIOMAPD_PATH,
@@ -59,8 +66,19 @@ from hiomapbridge.hiomap import (
     pack_request,
     window_args,
 )
+from hiomapbridge.ipmi import (
+    CMD_GET_MESSAGE_FLAGS,
+    CMD_HIOMAP,
+    CMD_READ_EVENT_MESSAGE_BUFFER,
+    MESSAGE_FLAG_EVENT_BUFFER_FULL,
+    NETFN_APP,
+    NETFN_OEM_IBM,
+    SEL_CMD_HIOMAP_EVENT,
+    parse_event_record,
+)
 from hiomapbridge.sim.hiomapd import Emulator, run_emulator
 from hiomapbridge.sim.host import PROTOCOL_RESET, Host, run_host
+from hiomapbridge.sim.ipmid import FakeIpmid
 from hiomapbridge.sim.privatebus import private_bus
 from hiomapbridge.sim.process import Service, run_service
 
@@ -77,7 +95,15 @@ RESULT_KEYS = (
     "rss_after_kb",
     "ready_s",
     "shutdown_after_fetch_ms",
+    "bt_roundtrip_p50_us",
+    "bt_roundtrip_p99_us",
+    "bt_vs_btbridged_p50_ratio",
+    "bt_bridge_cpu_us_per_command",
 )
+
+#: ``bt:`` mode's round trip p50 over the btbridged mode's, measured side by
+#: side: at most this (issue: no btbridged, so two D-Bus crossings fewer).
+BT_RATIO_TARGET = 0.6
 
 #: (key, unit, target text, predicate on the value) for the markdown table.
 TARGETS: dict[str, tuple[str, str, Callable[[float], bool] | None]] = {
@@ -93,7 +119,27 @@ TARGETS: dict[str, tuple[str, str, Callable[[float], bool] | None]] = {
     "rss_after_kb": ("KiB", "≤ 32768, flat", lambda v: v <= 32768),
     "ready_s": ("s", "≤ 0.4", lambda v: v <= 0.4),
     "shutdown_after_fetch_ms": ("ms", "≤ 50", lambda v: v <= 50),
+    "bt_roundtrip_p50_us": ("µs", "", None),
+    "bt_roundtrip_p99_us": ("µs", "", None),
+    "bt_vs_btbridged_p50_ratio": (
+        "x",
+        f"≤ {BT_RATIO_TARGET}",
+        lambda v: v <= BT_RATIO_TARGET,
+    ),
+    "bt_bridge_cpu_us_per_command": ("µs", "", None),
 }
+
+#: Columns of the per-run table in results.md.
+RUN_COLUMNS = (
+    "roundtrip_p50_us",
+    "bt_roundtrip_p50_us",
+    "bt_vs_btbridged_p50_ratio",
+    "direct_p50_us",
+    "overhead_ratio_p50",
+    "bridge_cpu_us_per_command",
+    "bt_bridge_cpu_us_per_command",
+    "event_latency_p99_us",
+)
 
 FLASH_SIZE = 8 << 20  # 2048 blocks of 4 KiB
 BLOCK_SHIFT = 12
@@ -180,6 +226,150 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
+# -- the host on the bt: seam ---------------------------------------------------------
+
+
+class SeamHost:
+    """The host end of the ``bt:`` seam, as lean as a host written in C.
+
+    The harness listens on a SOCK_SEQPACKET unix socket; the bridge
+    (``--host bt:PATH``) connects.  A request is one ``send()`` of its frame,
+    then ``wait_readable`` and ``recv()`` until the frame with its BT seq comes
+    back (SMS_ATN packets met on the way are counted, not answered).  No
+    transaction records, no events, no timers: the timed loop costs what the
+    btbridged stand-in's host side costs, which was made to cost what C
+    would (see docs/performance.md).  Events are fetched only outside timed
+    blocks (:meth:`fetch_if_signalled`), the way skiboot does: Get Message
+    Flags, then Read Event Message Buffer if the buffer is full.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(str(path))
+        self.listener.listen(1)
+        self.listener.setblocking(False)
+        self.sock: socket.socket | None = None
+        self.bt_seq = 0
+        self.hiomap_seq = 0
+        self.attentions = 0  # SMS_ATN packets seen on this connection
+        self.handled = 0  # of those, how many were answered with a fetch
+        self.events: list[int] = []  # HIOMAP event bytes fetched, in order
+        self.stray = 0  # response frames matching no request
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.listener.close()
+
+    async def accept(self) -> None:
+        """Take the bridge's connection (replacing an old one)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        with trio.fail_after(BLOCK_TIMEOUT):
+            while True:
+                try:
+                    sock, _ = self.listener.accept()
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self.listener)
+        sock.setblocking(False)
+        self.sock = sock
+        self.attentions = self.handled = 0
+
+    async def transact(self, netfn: int, cmd: int, data: bytes = b"") -> bytes:
+        """One request; the response frame ``[len, netfn, seq, cmd, cc, ...]``."""
+        sock = self.sock
+        assert sock is not None
+        self.bt_seq = seq = (self.bt_seq + 1) & 0xFF
+        sock.send(bytes((3 + len(data), netfn << 2, seq, cmd)) + data)
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                packet = sock.recv(256)
+            except BlockingIOError:
+                continue
+            if len(packet) >= 5 and packet[2] == seq:
+                return packet
+            self._other(packet)
+
+    def _other(self, packet: bytes) -> None:
+        if packet == bt.ATTENTION_PACKET:
+            self.attentions += 1
+        elif not packet:
+            raise EOFError("the bridge closed the bt: seam")
+        else:
+            self.stray += 1
+
+    async def command(self, command: int, args: bytes) -> None:
+        """One HIOMAP command, checked as skiboot checks it (cc, seq, cmd)."""
+        self.hiomap_seq = seq = (self.hiomap_seq + 1) & 0xFF
+        packet = await self.transact(
+            NETFN_OEM_IBM, CMD_HIOMAP, bytes((command, seq)) + args
+        )
+        if packet[4] != 0 or len(packet) < 7 or packet[6] != seq:
+            raise RuntimeError(f"HIOMAP {command}: bad response {packet.hex()}")
+        if packet[5] != command:
+            raise RuntimeError(f"HIOMAP {command}: bad response {packet.hex()}")
+
+    def poll(self) -> None:
+        """Take what the bridge sent meanwhile (SMS_ATN), without waiting."""
+        sock = self.sock
+        assert sock is not None
+        while True:
+            try:
+                packet = sock.recv(256)
+            except BlockingIOError:
+                return
+            self._other(packet)
+
+    async def wait_attention(self) -> None:
+        """Wait for an SMS_ATN not answered yet."""
+        sock = self.sock
+        assert sock is not None
+        self.poll()
+        while self.attentions <= self.handled:
+            await trio.lowlevel.wait_readable(sock)
+            self.poll()
+
+    async def fetch(self) -> None:
+        """Answer SMS_ATN as skiboot does: Get Message Flags, then, if the
+        buffer is full, one Read Event Message Buffer (a newer event raises
+        SMS_ATN again).  Nothing more: after the final PROTOCOL_RESET the
+        bridge is gone."""
+        self.handled = self.attentions
+        flags = await self.transact(NETFN_APP, CMD_GET_MESSAGE_FLAGS)
+        if len(flags) < 6 or flags[4] != 0:
+            raise RuntimeError(f"Get Message Flags: {flags.hex()}")
+        if not flags[5] & MESSAGE_FLAG_EVENT_BUFFER_FULL:
+            return
+        record = await self.transact(NETFN_APP, CMD_READ_EVENT_MESSAGE_BUFFER)
+        if record[4] != 0:
+            raise RuntimeError(f"Read Event Message Buffer: {record.hex()}")
+        parsed = parse_event_record(record[5:])
+        if parsed is not None and parsed[0] == SEL_CMD_HIOMAP_EVENT:
+            self.events.append(parsed[1])
+
+    async def fetch_if_signalled(self) -> None:
+        self.poll()
+        if self.attentions > self.handled:
+            await self.fetch()
+
+    async def start(self) -> None:
+        """What :meth:`Host.start` does: take the start-up event, then ACK,
+        GET_INFO (v2) and GET_FLASH_INFO; then take what those raised."""
+        with trio.fail_after(BLOCK_TIMEOUT):
+            await self.wait_attention()
+            await self.fetch()
+            await self.command(Command.ACK, b"\x03")
+            await self.command(Command.GET_INFO, b"\x02")
+            await self.command(Command.GET_FLASH_INFO, b"")
+            await trio.sleep(0.05)
+            await self.fetch_if_signalled()
+
+
 # -- the rig ------------------------------------------------------------------------
 
 
@@ -187,17 +377,31 @@ class Rig:
     """The bus peers living in this process, and a way to start bridges."""
 
     def __init__(
-        self, address: str, directory: Path, emu: Emulator, host: Host, direct: Bus
+        self,
+        address: str,
+        directory: Path,
+        emu: Emulator,
+        host: Host,
+        direct: Bus,
+        bt_address: str,
+        seam: SeamHost,
     ) -> None:
         self.address = address
         self.directory = directory
         self.emu = emu
         self.host = host
         self.direct = direct
+        self.bt_address = bt_address
+        self.seam = seam
         self._started = 0
 
-    def bridge_argv(self, profiler: str | None, profile_out: Path | None) -> list[str]:
+    def bridge_argv(
+        self, profiler: str | None, profile_out: Path | None, mode: str = "btbridged"
+    ) -> list[str]:
         argv = [sys.executable, "-m", "hiomapbridge", "--bus", self.address]
+        if mode == "bt":
+            argv = [sys.executable, "-m", "hiomapbridge", "--bus", self.bt_address]
+            argv += ["--host", f"bt:{self.seam.path}"]
         if profiler == "py-spy":
             assert profile_out is not None
             pyspy = shutil.which("py-spy") or str(
@@ -247,6 +451,43 @@ class Rig:
         await host.start()  # skiboot's start-up: ACK, GET_INFO, GET_FLASH_INFO
         await self.settle()
         return service, pid
+
+    async def start_bt_bridge(
+        self,
+        stack: AsyncExitStack,
+        profiler: str | None = None,
+        profile_out: Path | None = None,
+    ) -> tuple[Service, int]:
+        """Start a ``bt:`` bridge; the seam host takes its connection and
+        does the start-up.  Return it and the pid of the Python process."""
+        self._started += 1
+        service = await stack.enter_async_context(
+            run_service(
+                f"bridge{self._started}-bt",
+                self.bridge_argv(profiler, profile_out, "bt"),
+                self.directory,
+                ready_timeout=60,
+            )
+        )
+        pid = service.process.pid
+        if profiler == "py-spy":
+            pid = child_pid(pid)
+        await self.seam.accept()
+        await self.seam.start()
+        return service, pid
+
+    async def stop_bt_bridge(self, service: Service, pid: int) -> None:
+        """SIGTERM the ``bt:`` bridge; fetch events until PROTOCOL_RESET."""
+        seam = self.seam
+        seen = len(seam.events)
+        os.kill(pid, signal.SIGTERM)
+        with trio.fail_after(BLOCK_TIMEOUT):
+            while not any(e & PROTOCOL_RESET for e in seam.events[seen:]):
+                await seam.wait_attention()
+                await seam.fetch()
+            status = await service.wait()
+        if status != 0:
+            raise RuntimeError(f"bt: bridge exited {status}:\n{service.log()}")
 
     async def settle(self) -> None:
         """Wait until no event is on its way to the host."""
@@ -300,6 +541,19 @@ async def bridged_block(host: Host, mix: list[tuple[int, bytes]]) -> list[float]
             t0 = clock()
             await host.command(cmd, args)
             out.append(clock() - t0)
+    return out
+
+
+async def bt_block(seam: SeamHost, mix: list[tuple[int, bytes]]) -> list[float]:
+    """The same commands through the ``bt:`` bridge (the host's view)."""
+    out = []
+    clock = time.perf_counter
+    with harness_gc_paused():
+        for cmd, args in mix:
+            t0 = clock()
+            await seam.command(cmd, args)
+            out.append(clock() - t0)
+    await seam.fetch_if_signalled()  # outside the timed loop
     return out
 
 
@@ -367,27 +621,48 @@ async def one_repeat(rig: Rig, args: argparse.Namespace, index: int) -> dict[str
         assert ready is not None
         ready_s = ready - service.started_at
         rss_start = rss_kb(pid)
-        host = rig.host
+        host, seam = rig.host, rig.seam
+        # The bt: bridge runs beside it, on its own bus (it owns
+        # org.openbmc.HostIpmi); the three modes alternate block by block.
+        bt_service, bt_pid = await rig.start_bt_bridge(stack)
         await bridged_block(host, warm)
+        await bt_block(seam, warm)
         await direct_block(rig.direct, direct_plans(warm))
         events_before = len(host.events)
+        bt_attentions_before = seam.attentions
         bridged: list[float] = []
+        over_bt: list[float] = []
         direct: list[float] = []
-        cpu = 0.0
+        cpu = {"bridged": 0.0, "bt": 0.0}
         wall = 0.0
-        self_cpu = {"bridged": 0.0, "direct": 0.0}
+        self_cpu = {"bridged": 0.0, "bt": 0.0, "direct": 0.0}
         step = args.block
-        for start in range(0, len(mix), step):
-            c0, s0, w0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
-            bridged += await bridged_block(host, mix[start : start + step])
-            c1, s1, w1 = cpu_seconds(pid), time.process_time(), time.perf_counter()
-            cpu += c1 - c0
-            wall += w1 - w0
-            self_cpu["bridged"] += s1 - s0
-            s0 = time.process_time()
-            direct += await direct_block(rig.direct, plans[start : start + step])
-            self_cpu["direct"] += time.process_time() - s0
+        for k, start in enumerate(range(0, len(mix), step)):
+            chunk = mix[start : start + step]
+            # Rotate the order so that no mode always follows the same one.
+            modes = ("bridged", "bt", "direct")
+            order = modes[k % 3 :] + modes[: k % 3]
+            for mode in order:
+                watched = {"bridged": pid, "bt": bt_pid}.get(mode)
+                c0 = cpu_seconds(watched) if watched is not None else 0.0
+                s0, w0 = time.process_time(), time.perf_counter()
+                if mode == "bridged":
+                    bridged += await bridged_block(host, chunk)
+                elif mode == "bt":
+                    over_bt += await bt_block(seam, chunk)
+                else:
+                    direct += await direct_block(
+                        rig.direct, plans[start : start + step]
+                    )
+                s1, w1 = time.process_time(), time.perf_counter()
+                self_cpu[mode] += s1 - s0
+                if watched is not None:
+                    cpu[mode] += cpu_seconds(watched) - c0
+                if mode == "bridged":
+                    wall += w1 - w0
         stray_events = len(host.events) - events_before
+        bt_stray_attentions = seam.attentions - bt_attentions_before
+        await rig.stop_bt_bridge(bt_service, bt_pid)
         events = await event_latencies(rig, args.events)
         await rig.settle()
         rss_end = rss_kb(pid)
@@ -395,6 +670,7 @@ async def one_repeat(rig: Rig, args: argparse.Namespace, index: int) -> dict[str
     n = len(mix)
     rt50 = percentile(bridged, 50) * 1e6
     d50 = percentile(direct, 50) * 1e6
+    bt50 = percentile(over_bt, 50) * 1e6
     return {
         "roundtrip_p50_us": rt50,
         "roundtrip_p99_us": percentile(bridged, 99) * 1e6,
@@ -402,8 +678,15 @@ async def one_repeat(rig: Rig, args: argparse.Namespace, index: int) -> dict[str
         "direct_p99_us": percentile(direct, 99) * 1e6,
         "overhead_ratio_p50": rt50 / d50,
         "commands_per_s": n / wall,
-        "bridge_cpu_us_per_command": cpu / n * 1e6,
+        "bridge_cpu_us_per_command": cpu["bridged"] / n * 1e6,
+        "bt_roundtrip_p50_us": bt50,
+        "bt_roundtrip_p99_us": percentile(over_bt, 99) * 1e6,
+        "bt_vs_btbridged_p50_ratio": bt50 / rt50,
+        "bt_vs_direct_p50_ratio": bt50 / d50,
+        "bt_bridge_cpu_us_per_command": cpu["bt"] / n * 1e6,
+        "bt_stray_attentions_during_roundtrips": bt_stray_attentions,
         "bench_cpu_us_per_command_bridged": self_cpu["bridged"] / n * 1e6,
+        "bench_cpu_us_per_command_bt": self_cpu["bt"] / n * 1e6,
         "bench_cpu_us_per_command_direct": self_cpu["direct"] / n * 1e6,
         "event_latency_p50_us": percentile(events, 50) * 1e6,
         "event_latency_p99_us": percentile(events, 99) * 1e6,
@@ -415,6 +698,7 @@ async def one_repeat(rig: Rig, args: argparse.Namespace, index: int) -> dict[str
         "events": len(events),
         "stray_events_during_roundtrips": stray_events,
         "_bridged": bridged,
+        "_bt": over_bt,
         "_direct": direct,
         "_events": events,
     }
@@ -438,14 +722,25 @@ async def soak(rig: Rig, commands: int) -> dict[str, Any]:
     return {"commands": commands, "rss_series_kb": series}
 
 
-async def profile_run(rig: Rig, commands: int, profiler: str, out: Path) -> float:
-    """Run ``commands`` through a bridge under ``profiler``; return its CPU s."""
+async def profile_run(
+    rig: Rig, commands: int, profiler: str, out: Path, mode: str = "btbridged"
+) -> float:
+    """Run ``commands`` through a bridge in ``mode`` under ``profiler``;
+    return its CPU s."""
+    mix = command_mix(commands, seed=3000)
     async with AsyncExitStack() as stack:
-        service, pid = await rig.start_bridge(stack, profiler, out)
-        c0 = cpu_seconds(pid)
-        await bridged_block(rig.host, command_mix(commands, seed=3000))
-        cpu = cpu_seconds(pid) - c0
-        await rig.stop_bridge(service, pid)
+        if mode == "bt":
+            service, pid = await rig.start_bt_bridge(stack, profiler, out)
+            c0 = cpu_seconds(pid)
+            await bt_block(rig.seam, mix)
+            cpu = cpu_seconds(pid) - c0
+            await rig.stop_bt_bridge(service, pid)
+        else:
+            service, pid = await rig.start_bridge(stack, profiler, out)
+            c0 = cpu_seconds(pid)
+            await bridged_block(rig.host, mix)
+            cpu = cpu_seconds(pid) - c0
+            await rig.stop_bridge(service, pid)
         if profiler == "py-spy":  # py-spy writes once its child is gone
             with trio.fail_after(30):
                 await service.process.wait()
@@ -600,9 +895,12 @@ def pyspy_works() -> bool:
 
 def median_results(
     runs: list[dict[str, Any]], soaked: dict[str, Any]
-) -> dict[str, float]:
+) -> dict[str, float | bool]:
+    """RESULT_KEYS (medians over the runs; RSS from the soak), then the
+    ``bt:`` ratio's spread over the runs, its target and whether the median
+    meets it."""
     series = soaked["rss_series_kb"]
-    out: dict[str, float] = {}
+    out: dict[str, float | bool] = {}
     for key in RESULT_KEYS:
         if key == "rss_start_kb":
             value = float(series[0][1])
@@ -611,14 +909,20 @@ def median_results(
         else:
             value = statistics.median(float(r[key]) for r in runs)
         out[key] = round(value, 3)
+    ratios = [float(r["bt_vs_btbridged_p50_ratio"]) for r in runs]
+    out["bt_vs_btbridged_p50_ratio_min"] = round(min(ratios), 3)
+    out["bt_vs_btbridged_p50_ratio_max"] = round(max(ratios), 3)
+    out["bt_vs_btbridged_p50_target"] = BT_RATIO_TARGET
+    out["bt_vs_btbridged_p50_met"] = out["bt_vs_btbridged_p50_ratio"] <= BT_RATIO_TARGET
     return out
 
 
 def markdown(
-    results: dict[str, float],
+    results: dict[str, float | bool],
     runs: list[dict[str, Any]],
     soaked: dict[str, Any],
     profile: dict[str, Any] | None,
+    profile_bt: dict[str, Any] | None = None,
 ) -> str:
     lines = [
         f"Medians of {len(runs)} runs of {runs[0]['commands']} commands "
@@ -634,23 +938,51 @@ def markdown(
         lines.append(f"| `{key}` | {value:,.3f} {unit} | {target} | {met} |")
     lines += [
         "",
+        "`bt:` host mode vs btbridged mode, p50 round trips measured side by "
+        f"side: `bt_vs_btbridged_p50_ratio` {results['bt_vs_btbridged_p50_ratio']}"
+        f" (runs `bt_vs_btbridged_p50_ratio_min` "
+        f"{results['bt_vs_btbridged_p50_ratio_min']} to "
+        f"`bt_vs_btbridged_p50_ratio_max` "
+        f"{results['bt_vs_btbridged_p50_ratio_max']}); "
+        f"`bt_vs_btbridged_p50_target` ≤ {results['bt_vs_btbridged_p50_target']}: "
+        f"`bt_vs_btbridged_p50_met` = "
+        f"{'yes' if results['bt_vs_btbridged_p50_met'] else '**no**'}.",
+        "",
         "Per run:",
         "",
-        "| run | " + " | ".join(RESULT_KEYS[:8]) + " |",
-        "|---|" + "---:|" * 8,
+        "| run | " + " | ".join(RUN_COLUMNS) + " |",
+        "|---|" + "---:|" * len(RUN_COLUMNS),
     ]
     for i, r in enumerate(runs):
-        cells = " | ".join(f"{r[k]:,.2f}" for k in RESULT_KEYS[:8])
+        cells = " | ".join(f"{r[k]:,.2f}" for k in RUN_COLUMNS)
         lines.append(f"| {i} | {cells} |")
+    lines += [
+        "",
+        "Harness CPU per command (host side + emulator, µs): btbridged mode "
+        + ", ".join(f"{r['bench_cpu_us_per_command_bridged']:.0f}" for r in runs)
+        + "; bt: mode "
+        + ", ".join(f"{r['bench_cpu_us_per_command_bt']:.0f}" for r in runs)
+        + "; direct "
+        + ", ".join(f"{r['bench_cpu_us_per_command_direct']:.0f}" for r in runs),
+    ]
     rss = ", ".join(f"{n}: {kb}" for n, kb in soaked["rss_series_kb"])
     lines += ["", f"RSS (KiB) along the soak: {rss}"]
-    if profile:
-        lines += ["", f"Profile ({profile['tool']}), bridge CPU split:", ""]
-        lines += [f"- {k}: {v}%" for k, v in profile["split_percent"].items()]
+    for mode, prof in (("btbridged", profile), ("bt:", profile_bt)):
+        if prof:
+            lines += [
+                "",
+                f"Profile of the {mode} mode ({prof['tool']}), bridge CPU split "
+                f"({prof['cpu_us_per_command_while_profiled']:.0f} µs/command "
+                "while profiled):",
+                "",
+            ]
+            lines += [f"- {k}: {v}%" for k, v in prof["split_percent"].items()]
     return "\n".join(lines) + "\n"
 
 
-def plot(path: Path, bridged: list[float], direct: list[float]) -> None:
+def plot(
+    path: Path, bridged: list[float], direct: list[float], over_bt: list[float]
+) -> None:
     try:
         import matplotlib
     except ImportError:
@@ -661,11 +993,12 @@ def plot(path: Path, bridged: list[float], direct: list[float]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    hi = percentile(bridged + direct, 99.5) * 1e6
+    hi = percentile(bridged + direct + over_bt, 99.5) * 1e6
     bins = [hi * i / 120 for i in range(121)]
     for data, label in (
         (direct, "direct to the emulator"),
-        (bridged, "through the bridge"),
+        (over_bt, "through the bridge, bt: mode"),
+        (bridged, "through the bridge, btbridged mode"),
     ):
         us = [v * 1e6 for v in data]
         ax1.hist(
@@ -691,7 +1024,9 @@ def plot(path: Path, bridged: list[float], direct: list[float]) -> None:
 # -- main ----------------------------------------------------------------------------
 
 
-async def bench(args: argparse.Namespace, address: str, work: Path) -> dict[str, Any]:
+async def bench(
+    args: argparse.Namespace, address: str, bt_address: str, work: Path
+) -> dict[str, Any]:
     async with AsyncExitStack() as stack:
         emu = await stack.enter_async_context(
             run_emulator(
@@ -705,15 +1040,34 @@ async def bench(args: argparse.Namespace, address: str, work: Path) -> dict[str,
             run_host(address, emu.lpc_path, start=False)
         )
         direct = await stack.enter_async_context(open_bus(address))
-        rig = Rig(address, work, emu, host, direct)
+        await stack.enter_async_context(
+            run_emulator(
+                bt_address,
+                work / "emu-bt",
+                flash_size=FLASH_SIZE,
+                block_size_shift=BLOCK_SHIFT,
+            )
+        )
+        # A fake ipmid beside the bt: bridge: not on the HIOMAP path, but the
+        # bridge then runs as on a BMC (it forwards other commands to ipmid).
+        ipmid_bus = await stack.enter_async_context(open_bus(bt_address))
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)
+        await nursery.start(FakeIpmid().serve, ipmid_bus)
+        seam = SeamHost(work / "bt.sock")
+        stack.callback(seam.close)
+        rig = Rig(address, work, emu, host, direct, bt_address, seam)
         runs = []
         for i in range(args.repeat):
             t0 = time.perf_counter()
             runs.append(await one_repeat(rig, args, i))
             r = runs[-1]
             print(
-                f"run {i}: bridge p50 {r['roundtrip_p50_us']:.0f} µs, direct p50 "
+                f"run {i}: bridge p50 {r['roundtrip_p50_us']:.0f} µs, bt: p50 "
+                f"{r['bt_roundtrip_p50_us']:.0f} µs (x"
+                f"{r['bt_vs_btbridged_p50_ratio']:.2f}), direct p50 "
                 f"{r['direct_p50_us']:.0f} µs, ratio {r['overhead_ratio_p50']:.2f}, "
+                f"bt: bridge CPU {r['bt_bridge_cpu_us_per_command']:.0f} µs/cmd, "
                 f"bridge CPU {r['bridge_cpu_us_per_command']:.0f} µs/cmd, events p99 "
                 f"{r['event_latency_p99_us']:.0f} µs, ready {r['ready_s']:.3f} s, "
                 f"exit {r['shutdown_after_fetch_ms']:.1f} ms after fetch "
@@ -726,35 +1080,49 @@ async def bench(args: argparse.Namespace, address: str, work: Path) -> dict[str,
             f"soak: RSS {soaked['rss_series_kb']} ({time.perf_counter() - t0:.1f} s)",
             flush=True,
         )
-        profile = None
+        profiles: dict[str, dict[str, Any] | None] = {"btbridged": None, "bt": None}
         if args.profile_commands > 0:
             profiler = args.profiler
             if profiler == "auto":
                 profiler = "py-spy" if pyspy_works() else "cprofile"
-            raw = args.out / (
-                "profile-pyspy.txt" if profiler == "py-spy" else "profile.cprofile"
-            )
-            cpu = await profile_run(rig, args.profile_commands, profiler, raw)
-            summary = (
-                summarise_pyspy(raw)
-                if profiler == "py-spy"
-                else summarise_cprofile(raw)
-            )
-            summary["commands"] = args.profile_commands
-            summary["cpu_us_per_command_while_profiled"] = (
-                cpu / args.profile_commands * 1e6
-            )
-            summary["raw"] = raw.name
-            profile = summary
-            print(f"profile ({profiler}): {summary['split_percent']}", flush=True)
-    return {"runs": runs, "soak": soaked, "profile": profile}
+            for mode, prefix in (("btbridged", "profile"), ("bt", "profile-bt")):
+                raw = args.out / (
+                    f"{prefix}-pyspy.txt"
+                    if profiler == "py-spy"
+                    else f"{prefix}.cprofile"
+                )
+                cpu = await profile_run(rig, args.profile_commands, profiler, raw, mode)
+                summary = (
+                    summarise_pyspy(raw)
+                    if profiler == "py-spy"
+                    else summarise_cprofile(raw)
+                )
+                summary["commands"] = args.profile_commands
+                summary["cpu_us_per_command_while_profiled"] = (
+                    cpu / args.profile_commands * 1e6
+                )
+                summary["raw"] = raw.name
+                profiles[mode] = summary
+                print(
+                    f"profile {mode} ({profiler}): {summary['split_percent']}",
+                    flush=True,
+                )
+    return {
+        "runs": runs,
+        "soak": soaked,
+        "profile": profiles["btbridged"],
+        "profile_bt": profiles["bt"],
+    }
 
 
-def write_outputs(out: Path, data: dict[str, Any]) -> dict[str, float]:
+def write_outputs(out: Path, data: dict[str, Any]) -> dict[str, float | bool]:
     runs, soaked, profile = data["runs"], data["soak"], data["profile"]
+    profile_bt = data["profile_bt"]
     results = median_results(runs, soaked)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results, runs, soaked, profile))
+    (out / "results.md").write_text(
+        markdown(results, runs, soaked, profile, profile_bt)
+    )
     public_runs = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]
     (out / "runs.json").write_text(
         json.dumps(
@@ -763,24 +1131,33 @@ def write_outputs(out: Path, data: dict[str, Any]) -> dict[str, float]:
                 "runs": public_runs,
                 "soak": soaked,
                 "profile": profile,
+                "profile_bt": profile_bt,
             },
             indent=2,
         )
         + "\n"
     )
-    if profile is not None:
+    for filename, prof, mode in (
+        ("profile-summary.txt", profile, "btbridged"),
+        ("profile-bt-summary.txt", profile_bt, "bt:"),
+    ):
+        if prof is None:
+            continue
         text = [
-            f"{profile['tool']}: {profile['commands']} commands",
+            f"{mode} mode, {prof['tool']}: {prof['commands']} commands, "
+            f"{prof['cpu_us_per_command_while_profiled']:.0f} µs of bridge CPU "
+            "per command while profiled",
             "",
             "split (% of the bridge's CPU):",
         ]
-        text += [f"  {k:38} {v:5.1f}" for k, v in profile["split_percent"].items()]
+        text += [f"  {k:38} {v:5.1f}" for k, v in prof["split_percent"].items()]
         text += ["", "top self (% of the bridge's CPU):"]
-        text += [f"  {p:5.1f}  {name}" for name, p in profile["top_self"]]
-        (out / "profile-summary.txt").write_text("\n".join(text) + "\n")
+        text += [f"  {p:5.1f}  {name}" for name, p in prof["top_self"]]
+        (out / filename).write_text("\n".join(text) + "\n")
     bridged = [v for r in runs for v in r["_bridged"]]
     direct = [v for r in runs for v in r["_direct"]]
-    plot(out / "latency.png", bridged, direct)
+    over_bt = [v for r in runs for v in r["_bt"]]
+    plot(out / "latency.png", bridged, direct, over_bt)
     return results
 
 
@@ -827,8 +1204,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hb-bench-") as tmp:
         work = Path(tmp)
-        with private_bus(work) as bus:
-            data = trio.run(bench, args, bus.address, work)
+        (work / "bt-bus").mkdir()
+        with private_bus(work) as bus, private_bus(work / "bt-bus") as bt_bus:
+            data = trio.run(bench, args, bus.address, bt_bus.address, work)
     results = write_outputs(args.out, data)
     print(json.dumps(results, indent=2))
     return 0

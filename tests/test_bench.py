@@ -30,6 +30,14 @@ KEYS = {
     "rss_after_kb",
     "ready_s",
     "shutdown_after_fetch_ms",
+    "bt_roundtrip_p50_us",
+    "bt_roundtrip_p99_us",
+    "bt_vs_btbridged_p50_ratio",
+    "bt_bridge_cpu_us_per_command",
+    "bt_vs_btbridged_p50_ratio_min",
+    "bt_vs_btbridged_p50_ratio_max",
+    "bt_vs_btbridged_p50_target",
+    "bt_vs_btbridged_p50_met",
 }
 
 
@@ -58,13 +66,25 @@ def test_quick_bench_writes_all_results(tmp_path: Path) -> None:
     for key, value in results.items():
         assert isinstance(value, int | float), key
         assert value == value, f"{key} is NaN"
+    # Both modes ran through real bridges: every round trip took time, and
+    # the ratio is the two medians' (one run, so no rounding across runs).
+    assert results["bt_roundtrip_p50_us"] > 0 and results["roundtrip_p50_us"] > 0
+    ratio = results["bt_roundtrip_p50_us"] / results["roundtrip_p50_us"]
+    assert abs(results["bt_vs_btbridged_p50_ratio"] - ratio) < 0.01
+    assert results["bt_vs_btbridged_p50_target"] == 0.6
+    assert results["bt_vs_btbridged_p50_met"] is (
+        results["bt_vs_btbridged_p50_ratio"] <= 0.6
+    )
     table = (out / "results.md").read_text()
     for key in KEYS:
         assert f"`{key}`" in table
     runs = json.loads((out / "runs.json").read_text())
     assert runs["runs"] and runs["soak"]["rss_series_kb"]
+    assert runs["runs"][0]["commands"] == 300
     assert runs["profile"]["split_percent"]
+    assert runs["profile_bt"]["split_percent"]
     assert (out / "profile-summary.txt").exists()
+    assert (out / "profile-bt-summary.txt").read_text().startswith("bt: mode")
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "latency.png").read_bytes().startswith(b"\x89PNG")
 
