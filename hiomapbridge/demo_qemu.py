@@ -65,6 +65,15 @@ from jeepney import DBusAddress, new_method_call
 
 from . import __version__
 from .dbus import Bus, open_bus
+from .demo import (
+    Check,
+    Mark,
+    _describe_exc,
+    _holds_reset,
+    _leaves,
+    _ms,
+    _status,
+)
 from .events import Event, describe
 from .hiomap import HIOMAPD_PATH, HIOMAPD_SERVICE, Command
 from .ipmi import (
@@ -221,20 +230,6 @@ class PowerLink(BmcLink):
 
 
 @attrs.define
-class Check:
-    name: str
-    ok: bool
-    detail: str = ""
-
-
-@attrs.frozen
-class Mark:
-    t: float
-    who: str
-    what: str
-
-
-@attrs.define
 class Options:
     bridge_host: BridgeHost = "bt"
     workdir: Path | None = None
@@ -256,34 +251,6 @@ def command_name(netfn: int, cmd: int, data: bytes) -> str:
         what = {0: "power down", 2: "power cycle", 3: "hard reset"}.get(data[0])
         return f"Chassis Control ({what or data.hex()})"
     return _NAMES.get((netfn, cmd), f"netfn {netfn:#04x} cmd {cmd:#04x}")
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
-
-
-def _status(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"{code} ({signal.Signals(-code).name})"
-    return str(code)
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
-def _describe_exc(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
-def _holds_reset(byte: int) -> bool:
-    return bool(byte & Event.PROTOCOL_RESET) and not byte & Event.DAEMON_READY
 
 
 def _event_byte(exchange: Exchange) -> int | None:
