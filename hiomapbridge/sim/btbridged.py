@@ -32,7 +32,6 @@ is recorded as a :class:`Transaction` and every ``setAttention`` as an
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import signal
@@ -53,6 +52,8 @@ from hiomapbridge.ipmi import (
     CompletionCode,
     response_netfn,
 )
+
+from .cli import print_row, run_on_bus
 
 log = logging.getLogger(__name__)
 
@@ -757,16 +758,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import start
-
-    address = start(args, "btbridged-sim")
-    if address is None:
-        return 2
-    return trio.run(_main, address, args)
-
-
-def _print(row: dict[str, Any]) -> None:
-    print(json.dumps(row), flush=True)
+    return run_on_bus(args, "btbridged-sim", _main)
 
 
 async def _main(address: str, args: argparse.Namespace) -> int:
@@ -780,7 +772,7 @@ async def _main(address: str, args: argparse.Namespace) -> int:
                     await bt.transact(netfn, cmd, data)
                 except BtTimeout:
                     pass
-                _print(_tx_row(bt.transactions[-1]))
+                print_row(_tx_row(bt.transactions[-1]))
             if not args.exit:
                 async for _ in signals:
                     break
@@ -797,7 +789,7 @@ async def _print_attentions(bt: BtBridge) -> None:
     while True:
         await bt.wait_until(more)
         for att in bt.attentions[seen:]:
-            _print(
+            print_row(
                 {
                     "t": att.at.trio,
                     "monotonic": att.at.monotonic,

@@ -7,9 +7,13 @@ Subcommands are contributed by the simulator modules (each has an
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
 
 from .. import __version__
 from ..dbus import resolve_bus
@@ -28,6 +32,24 @@ def start(args: argparse.Namespace, name: str) -> str | None:
     except ValueError as exc:
         log.error("%s", exc)
         return None
+
+
+def run_on_bus(
+    args: argparse.Namespace,
+    name: str,
+    main: Callable[[str, argparse.Namespace], Awaitable[int]],
+) -> int:
+    """:func:`start`, then ``trio.run(main, address, args)``; 2 for a bad
+    ``--bus``."""
+    address = start(args, name)
+    if address is None:
+        return 2
+    return trio.run(main, address, args)
+
+
+def print_row(row: dict[str, Any]) -> None:
+    """One JSON line on stdout, flushed (what the sims report)."""
+    print(json.dumps(row), flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,7 +41,6 @@ starting it or :meth:`~FakeIpmid.stop`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import signal
@@ -70,6 +69,8 @@ from hiomapbridge.ipmi import (
     sel_record,
 )
 from hiomapbridge.sim.btbridged import Stamp
+
+from .cli import print_row, run_on_bus
 
 log = logging.getLogger(__name__)
 
@@ -683,16 +684,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import start
-
-    address = start(args, "ipmid-sim")
-    if address is None:
-        return 2
-    return trio.run(_main, address, args)
-
-
-def _print(row: dict[str, Any]) -> None:
-    print(json.dumps(row), flush=True)
+    return run_on_bus(args, "ipmid-sim", _main)
 
 
 def _call_row(call: ExecuteCall) -> dict[str, Any]:
@@ -746,14 +738,14 @@ async def _report(ipmid: FakeIpmid) -> None:
     while True:
         await ipmid._change.wait()
         while calls < len(ipmid.calls) and ipmid.calls[calls].outcome != "pending":
-            _print(_call_row(ipmid.calls[calls]))
+            print_row(_call_row(ipmid.calls[calls]))
             calls += 1
         while (
             attentions < len(ipmid.attentions)
             and ipmid.attentions[attentions].outcome is not None
         ):
             att = ipmid.attentions[attentions]
-            _print(
+            print_row(
                 {"t": att.at.monotonic, "kind": "setAttention", "outcome": att.outcome}
             )
             attentions += 1
@@ -762,7 +754,7 @@ async def _report(ipmid: FakeIpmid) -> None:
             and ipmid.host_commands[commands].outcome != "waiting"
         ):
             hc = ipmid.host_commands[commands]
-            _print(
+            print_row(
                 {
                     "t": hc.queued.monotonic,
                     "kind": "host-command",
