@@ -54,7 +54,7 @@ from .hiomap import (
     encode_error,
     encode_reply,
 )
-from .hostlink import HostLink, HostLinkError, HostRequest, Outcome
+from .hostlink import HostGone, HostLink, HostLinkError, HostRequest, Outcome
 from .hostq import HostQueue
 from .ipmi import (
     CMD_CLEAR_MESSAGE_FLAGS,
@@ -382,7 +382,9 @@ class Bridge:
 
     def _ipmid_attention(self) -> None:
         def done(failed: BaseException | None) -> None:
-            if failed is not None:
+            if isinstance(failed, HostGone):  # re-announced on reconnect
+                log.debug("SMS_ATN for ipmid's event not raised: %s", failed)
+            elif failed is not None:
                 log.warning("SMS_ATN for ipmid's event failed: %s", failed)
 
         self.link.attention(done)

@@ -217,6 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutdown_timeout=args.shutdown_timeout,
         reject_unknown=args.reject_unknown,
     )
+    if config.bt_path is not None and not config.reject_unknown:
+        parser.error(
+            "--no-reject-unknown applies to btbridged mode only: in bt: mode "
+            "every command the bridge does not own goes to ipmid"
+        )
     broken = timing.violations(config)
     if broken:
         parser.error("timing budget broken: " + "; ".join(broken))

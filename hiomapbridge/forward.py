@@ -47,6 +47,11 @@ CHANNEL_PREFIX: Final = "xyz.openbmc_project.Ipmi.Channel."
 #: (channel 15) "SMS".
 DEFAULT_CHANNEL: Final = "SMS"
 
+#: Forwarded calls waiting for ipmid at once; past this ipmid is not keeping
+#: up (or is wedged) and further commands are answered NODE_BUSY, so memory
+#: stays bounded whatever the host sends.
+MAX_IN_FLIGHT: Final = 64
+
 _DO_NOT_QUEUE: Final = 4
 _PRIMARY_OWNER: Final = 1
 _ALREADY_OWNER: Final = 4
@@ -82,6 +87,7 @@ class Forwarder:
         self.event_waiting = False
         self._event_generation = 0
         self.forwarded = 0
+        self.in_flight = 0
         self.failures = RateLimitedLog(log, logging.WARNING)
         self.refused = RateLimitedLog(log, logging.WARNING)
 
@@ -93,7 +99,12 @@ class Forwarder:
         await self.ipmid.start(self.bus)
         self.bus.export_inline(HOSTIPMI_PATH, self._call)
         for name in (self.channel_name, HOSTIPMI_SERVICE):
-            reply = await self.bus.bus_call("RequestName", "su", name, _DO_NOT_QUEUE)
+            try:
+                reply = await self.bus.bus_call(
+                    "RequestName", "su", name, _DO_NOT_QUEUE
+                )
+            except DBusError as exc:  # e.g. the D-Bus policy refuses it
+                raise HostLinkError(f"cannot own {name}: {exc}") from exc
             if reply.body[0] not in (_PRIMARY_OWNER, _ALREADY_OWNER):
                 owner = await self._owner_of(name)
                 raise HostLinkError(
@@ -157,7 +168,16 @@ class Forwarder:
             )
             answer(CompletionCode.DESTINATION_UNAVAILABLE, b"")
             return
+        if self.in_flight >= MAX_IN_FLIGHT:
+            self.failures(
+                "forwarding %s: %d calls already wait for ipmid: cc 0xC0",
+                req.describe(),
+                self.in_flight,
+            )
+            answer(CompletionCode.NODE_BUSY, b"")
+            return
         self.forwarded += 1
+        self.in_flight += 1
         pops_event = req.netfn == NETFN_APP and req.cmd == CMD_READ_EVENT_MESSAGE_BUFFER
         generation = self._event_generation
         msg = new_method_call(
@@ -168,6 +188,7 @@ class Forwarder:
         )
 
         def done(reply: Message | Exception) -> None:
+            self.in_flight -= 1
             if isinstance(reply, BusClosed):
                 return
             cc, data = self._result(req, reply)

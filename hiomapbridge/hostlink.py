@@ -44,6 +44,20 @@ class HostLinkError(Exception):
     """The link cannot start (e.g. the BT device cannot be opened)."""
 
 
+class HostGone(ConnectionError):
+    """No host is connected (any more) to take a response or SMS_ATN: a
+    normal state while the host is powered off, not an error."""
+
+
+def not_started(req: HostRequest) -> None:
+    """A link's request handler before ``start()``."""
+    raise RuntimeError("the host link was not started")
+
+
+def nothing() -> None:
+    """A link's connect handler before ``start()``."""
+
+
 class HostLink(Protocol):
     """What the core needs of a host medium."""
 

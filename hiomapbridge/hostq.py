@@ -26,6 +26,7 @@ import attrs
 import trio
 
 from .events import describe
+from .hostlink import HostGone
 from .ipmi import HEARTBEAT_RECORD, event_record
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,9 @@ class HostQueue:
         if not self._asserting:  # the bus closed under a call being started
             return
         self._asserting = False
-        if exc is not None:  # logged; the interval retries
+        if isinstance(exc, HostGone):  # a powered-off host: normal
+            log.debug("SMS_ATN not raised: %s", exc)
+        elif exc is not None:  # logged; the interval retries
             log.warning("SMS_ATN failed: %s", exc)
         self._arm(trio.current_time() + self.atn_interval)
         if self._attention_due:

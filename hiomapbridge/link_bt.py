@@ -14,8 +14,8 @@ the same frames (:mod:`hiomapbridge.bt`), one per read/write or packet:
   fails, ends the bridge with exit status 1 so that systemd restarts it.
 * socket: a successful ``send()`` is "delivered"; SMS_ATN is the one-byte
   packet ``0xB1``.  A missing socket or a peer that goes away (the host
-  powered off) is logged and retried at least once a second; waiting
-  events are announced again as soon as the host is back.
+  powered off) is logged and retried every ``RECONNECT_INTERVAL`` (0.5 s);
+  waiting events are announced again as soon as the host is back.
 
 A PATH that is a socket, or that does not exist and is not under ``/dev/``,
 is taken for the socket seam; anything else is opened as the device.
@@ -37,7 +37,15 @@ from typing import Protocol
 import trio
 
 from . import bt
-from .hostlink import HostLinkError, HostRequest, Outcome
+from .dbus import BusClosed
+from .hostlink import (
+    HostGone,
+    HostLinkError,
+    HostRequest,
+    Outcome,
+    not_started,
+    nothing,
+)
 from .ipmi import CompletionCode, response_netfn
 from .ratelimit import RateLimitedLog
 
@@ -54,10 +62,6 @@ FAIRNESS_BATCH = 64
 #: reading and further responses fail at once (logged), so memory stays
 #: bounded.
 MAX_UNSENT = 256
-
-
-class HostGone(ConnectionError):
-    """The host the response was for is not connected (any more)."""
 
 
 class _Medium(Protocol):
@@ -117,12 +121,12 @@ class _Seam:
 
     def __init__(self, path: str) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.setblocking(False)  # a full listen backlog is EAGAIN, not a wait
         try:
             sock.connect(path)
         except BaseException:
             sock.close()
             raise
-        sock.setblocking(False)
         self.sock = sock
 
     def fileno(self) -> int:
@@ -181,11 +185,9 @@ class BtLink:
         self._connection = 0  # counts connections; a request's origin
         self._unsent: deque[tuple[int, bytes, Outcome | None]] = deque()
         self._unsent_wake = trio.Event()
-        self._on_request: Callable[[HostRequest], None] = _unset
-        self._on_connect: Callable[[], None] = _nothing
+        self._on_request: Callable[[HostRequest], None] = not_started
+        self._on_connect: Callable[[], None] = nothing
         self.dropped = RateLimitedLog(log, logging.WARNING)
-        self.frames_in = 0
-        self.frames_out = 0
 
     # -- start-up and the reader -------------------------------------------
 
@@ -201,6 +203,7 @@ class BtLink:
             nursery.start_soon(self._run_seam)
         else:
             self._connected(_Device(self.path))
+            self._on_connect()  # SMS_ATN raised while starting up went nowhere
             nursery.start_soon(self._run_device)
         nursery.start_soon(self._run_writer)
 
@@ -231,7 +234,7 @@ class BtLink:
         except (OSError, EOFError) as exc:
             raise HostLinkError(f"the BT device {self.path} failed: {exc}") from exc
         finally:
-            self._disconnected("the bridge is stopping")
+            self._disconnected("the BT device is closed")
 
     async def _run_seam(self) -> None:
         failures = 0
@@ -260,9 +263,15 @@ class BtLink:
             try:
                 await self._read(medium)
             except (OSError, EOFError) as exc:
-                log.warning("host on %s went away: %s; reconnecting", self.path, exc)
+                log.warning(
+                    "host on %s went away: %s; reconnecting every %ss",
+                    self.path,
+                    exc,
+                    RECONNECT_INTERVAL,
+                )
             finally:
                 self._disconnected("the host disconnected")
+            await trio.sleep(RECONNECT_INTERVAL)
 
     async def _read(self, medium: _Medium) -> None:
         connection = self._connection
@@ -274,8 +283,12 @@ class BtLink:
                     frame = medium.read()
                 except BlockingIOError:
                     break
-                self.frames_in += 1
-                self._frame(frame, connection)
+                try:
+                    self._frame(frame, connection)
+                except BusClosed:
+                    raise
+                except Exception:  # a bug must not take the host link down
+                    log.exception("handling a host frame failed")
                 batch += 1
                 if batch >= FAIRNESS_BATCH:
                     batch = 0
@@ -327,7 +340,8 @@ class BtLink:
         if req.origin != self._connection or self._medium is None:
             self._failed(
                 on_outcome,
-                HostGone(f"the host that sent {req.describe()} is gone"),
+                HostGone("the host that sent it is gone"),
+                req.describe(),
             )
             return
         self._write(frame, on_outcome, req.describe())
@@ -360,7 +374,6 @@ class BtLink:
                 self._failed(outcome, exc, what)
                 return
             else:
-                self.frames_out += 1
                 if outcome is not None:
                     outcome(None)
                 return
@@ -407,14 +420,5 @@ class BtLink:
                 self._failed(outcome, exc, "queued response")
                 continue
             self._unsent.popleft()
-            self.frames_out += 1
             if outcome is not None:
                 outcome(None)
-
-
-def _unset(req: HostRequest) -> None:
-    raise RuntimeError("BtLink.start() was not called")
-
-
-def _nothing() -> None:
-    pass

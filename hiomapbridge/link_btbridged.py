@@ -17,7 +17,7 @@ from jeepney import HeaderFields, MatchRule, Message
 
 from . import wire
 from .dbus import Bus, NameOwner, SignalGuard
-from .hostlink import HostRequest, Outcome
+from .hostlink import HostRequest, Outcome, not_started, nothing
 from .ipmi import HOSTIPMI_IFACE, HOSTIPMI_PATH, HOSTIPMI_SERVICE, response_netfn
 
 log = logging.getLogger("hiomapbridge")
@@ -44,8 +44,8 @@ class BtbridgedLink:
         self.bus = bus
         self.guard = guard
         self.owner = NameOwner(HOSTIPMI_SERVICE, self._owner_changed)
-        self._on_request: Callable[[HostRequest], None] = _unset
-        self._on_connect: Callable[[], None] = _nothing
+        self._on_request: Callable[[HostRequest], None] = not_started
+        self._on_connect: Callable[[], None] = nothing
         self._send_templates: dict[tuple[str, str], wire.CallTemplate] = {}
         self._set_attention_call = wire.CallTemplate(
             HOSTIPMI_SERVICE, HOSTIPMI_PATH, HOSTIPMI_IFACE, "setAttention"
@@ -139,11 +139,3 @@ class BtbridgedLink:
         self.bus.call_template_nowait(
             self._set_attention_call, b"", outcome, SEND_REPLY_WITHIN
         )
-
-
-def _unset(req: HostRequest) -> None:
-    raise RuntimeError("BtbridgedLink.start() was not called")
-
-
-def _nothing() -> None:
-    pass

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from typing import Final, Protocol
 
-#: skiboot's BT request timeout and retries without a capabilities answer.
+#: skiboot's BT request timeout without a capabilities answer (it then
+#: retries once).
 SKIBOOT_DEFAULT_TIMEOUT: Final = 3
-SKIBOOT_DEFAULT_RETRIES: Final = 1
 #: btbridged's own cut-off (it answers cc 0xCE itself).
 BTBRIDGED_TIMEOUT: Final = 5.0
 #: QEMU ipmi-bmc-extern's own cut-off (it answers cc 0xC3 itself).

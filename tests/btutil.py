@@ -19,11 +19,14 @@ from hiomapbridge.sim.ipmid import FakeIpmid
 
 from .bridgeutil import READ_EVENT, RunningBridge, run_bridge
 
+_SOCKETS = tempfile.TemporaryDirectory(prefix="hb-bt-")  # removed at exit
+
 
 def socket_dir() -> Path:
-    """A short directory for unix sockets (sun_path holds 108 bytes; pytest's
-    tmp_path for a long test name does not fit)."""
-    return Path(tempfile.mkdtemp(prefix="hb-bt-"))
+    """A short, fresh directory for unix sockets (sun_path holds 108 bytes;
+    pytest's tmp_path for a long test name does not fit), removed with the
+    test process."""
+    return Path(tempfile.mkdtemp(dir=_SOCKETS.name))
 
 
 @asynccontextmanager

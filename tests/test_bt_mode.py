@@ -7,6 +7,7 @@ it as a subprocess)."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from jeepney import DBusAddress, new_method_call
 
 from hiomapbridge import bt
 from hiomapbridge.dbus import DBusError
+from hiomapbridge.forward import MAX_IN_FLIGHT
 from hiomapbridge.hiomap import Command, pack_request
 from hiomapbridge.ipmi import (
     CMD_GET_BT_CAPABILITIES,
@@ -25,10 +27,10 @@ from hiomapbridge.ipmi import (
     event_record,
     parse_event_record,
 )
-from hiomapbridge.link_bt import BtLink
+from hiomapbridge.link_bt import RECONNECT_INTERVAL, BtLink
 from hiomapbridge.sim.ipmid import CMD_GET_DEVICE_ID, DEVICE_ID, SEL_CMD_POWER
 
-from .bridgeutil import GET_FLAGS, HIOMAP, READ_EVENT, connect, run_bridge
+from .bridgeutil import GET_FLAGS, HIOMAP, READ_EVENT, connect, run_bridge, settle
 from .btutil import bt_host, bt_stack, fake_ipmid, socket_dir
 
 GET_DEVICE_ID = (NETFN_APP, CMD_GET_DEVICE_ID)
@@ -123,16 +125,17 @@ async def test_a_wedged_ipmid_never_holds_up_hiomap_and_vice_versa(
                     ask, "hung", *HIOMAP, pack_request(Command.GET_FLASH_INFO, 1)
                 )
                 await s.host.wait_until(lambda: len(s.host.outstanding) == 2)
-                await s.bridge.bridge.bus.bus_call("GetId")  # let both arrive
-                # Both are pending; each kind still flows past the other.
+                # Both are pending (the seam is ordered: the bridge reads
+                # them before what follows); each kind still flows past the
+                # other, while neither has been answered.
                 await ask("flags", *GET_FLAGS)
                 await ask("caps", *GET_CAPS)
                 await ask("chassis", *CHASSIS_CONTROL, b"\x01")
+                assert "wedged" not in results and "hung" not in results
         assert results["flags"][0] == results["caps"][0] == results["chassis"][0] == 0
         assert results["wedged"][0] == 0xC3
         assert results["hung"][0] == 0xC3  # hiomapd's deadline (2.5 s default)
-        # The quick answers came long before either deadline.
-        assert results["chassis"][1] - started < 0.9
+        assert results["wedged"][1] - started >= 1.0  # --ipmid-timeout
 
 
 async def test_merged_events_bridge_first_then_ipmid(
@@ -150,6 +153,9 @@ async def test_merged_events_bridge_first_then_ipmid(
                 lambda: s.ipmid is not None and s.ipmid.attentions[-1].outcome == "ok"
             )
             assert (await s.host.transact(*GET_FLAGS)).data == b"\x02"
+            # Consume ipmid's SMS_ATN (its 0xB1 came before that answer).
+            assert s.host.attention_pending
+            await s.host.wait_attention()
             first = await s.host.transact(*READ_EVENT)
             assert first.data == event_record(0x83)  # 0x81 never ACKed, + WINDOW_RESET
             assert s.ipmid.events_waiting == 1
@@ -216,6 +222,8 @@ async def test_set_attention_is_served_to_ipmid_alone(
             assert unknown.value.name == "org.freedesktop.DBus.Error.UnknownMethod"
         assert forwarder.refused.count == 1
         assert not forwarder.event_waiting
+        with trio.fail_after(10):  # a 0xB1 sent by mistake would precede this
+            assert (await s.host.transact(*GET_FLAGS)).data == b"\x00"
         assert s.host.attention_count == 1  # only the start-up event's
 
 
@@ -254,10 +262,16 @@ async def test_bad_frames_are_answered_or_dropped_never_fatal(
 async def test_host_reconnect_re_announces_a_waiting_event(
     bus_address: str, tmp_path: Path
 ) -> None:
-    async with bt_stack(bus_address, tmp_path) as s:
+    # A long re-assertion interval: only the reconnect can announce it.
+    async with bt_stack(bus_address, tmp_path, atn_interval=60) as s:
         with trio.fail_after(10):
             await s.host.disconnect()  # the host powered off
-            await s.hiomapd.force_window_reset()  # an event while it is away
+            # An event while it is away (the bridge waits 0.5 s before it
+            # reconnects: the post lands first, by a wide margin).
+            await s.hiomapd.force_window_reset()
+            await settle(s.bridge, bus_address)  # the bridge has the signal
+            assert s.host.connections == 1
+            assert s.bridge.bridge.queue.waiting
             await s.host.wait_until(lambda: s.host.connections == 2)
             await s.host.wait_attention()  # announced again on the new link
             resp = await s.host.transact(*READ_EVENT)
@@ -270,7 +284,7 @@ async def test_ready_before_the_host_socket_exists(
     bus_address: str, tmp_path: Path
 ) -> None:
     """READY=1 does not wait for the host; the bridge keeps trying to
-    connect and announces the start-up event once the host is there."""
+    connect and serves the host once it is there."""
     path = socket_dir() / "late.sock"
     async with (
         fake_ipmid(bus_address),
@@ -283,3 +297,47 @@ async def test_ready_before_the_host_socket_exists(
                 resp = await host.transact(*GET_CAPS)
                 assert resp.cc == 0
         assert running.bridge.link.peer().startswith("host socket")
+
+
+async def test_forwarded_calls_in_flight_are_bounded(
+    bus_address: str, tmp_path: Path
+) -> None:
+    """A wedged ipmid cannot make the bridge hold unbounded calls: past
+    MAX_IN_FLIGHT waiting for ipmid, forwarded commands get NODE_BUSY."""
+    async with bt_stack(bus_address, tmp_path, ipmid_timeout=1.0) as s:
+        assert s.ipmid is not None
+        s.ipmid.wedge(*GET_DEVICE_ID, count=None)
+        answers: list[int] = []
+
+        async def ask() -> None:
+            answers.append((await s.host.transact(*GET_DEVICE_ID)).cc)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for _ in range(MAX_IN_FLIGHT + 3):
+                    nursery.start_soon(ask)
+                await s.host.wait_until(lambda: len(answers) == 3)
+                assert answers == [0xC0] * 3  # at once: nothing else answered
+        assert sorted(answers) == [0xC0] * 3 + [0xC3] * MAX_IN_FLIGHT
+        forwarder = s.bridge.bridge.forwarder
+        assert forwarder is not None and forwarder.in_flight == 0
+
+
+async def test_a_host_that_hangs_up_at_once_is_retried_at_the_interval(
+    bus_address: str,
+) -> None:
+    """A peer that accepts and closes straight away costs one attempt per
+    RECONNECT_INTERVAL, not a busy loop."""
+    path = socket_dir() / "flappy.sock"
+    accepted = 0
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    await listener.bind(str(path))
+    listener.listen(8)
+    async with fake_ipmid(bus_address), run_bridge(bus_address, host=f"bt:{path}"):
+        with trio.move_on_after(4 * RECONNECT_INTERVAL):  # the observation window
+            while True:
+                sock, _ = await listener.accept()
+                accepted += 1
+                sock.close()
+    listener.close()
+    assert 1 <= accepted <= 6  # about 4; a busy loop would make thousands

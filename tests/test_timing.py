@@ -67,6 +67,7 @@ def test_bt_mode_may_advertise_past_btbridged_s_limit() -> None:
         ["--bt-transaction-time", "0"],
         ["--bt-transaction-time", "2.5"],
         ["--ipmi-channel", "no spaces"],
+        ["--host", "bt:/x", "--no-reject-unknown"],  # btbridged mode only
     ],
 )
 def test_bad_values_exit_2(option: list[str]) -> None:

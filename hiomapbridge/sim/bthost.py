@@ -42,6 +42,7 @@ from typing import Any, Final, Literal
 import attrs
 import trio
 
+from hiomapbridge import bt
 from hiomapbridge.ipmi import response_netfn
 from hiomapbridge.sim import host as host_cli
 from hiomapbridge.sim.btbridged import (
@@ -61,7 +62,7 @@ from hiomapbridge.systemd import setup_logging
 
 log = logging.getLogger(__name__)
 
-ATTENTION: Final = 0xB1
+ATTENTION: Final = bt.ATTENTION_PACKET[0]
 """The one-byte packet the bridge sends to raise SMS_ATN."""
 
 DEFAULT_HOST_TIMEOUT: Final = 5.0
