@@ -341,10 +341,10 @@ class BtLink:
             self._failed(
                 on_outcome,
                 HostGone("the host that sent it is gone"),
-                req.describe(),
+                req,
             )
             return
-        self._write(frame, on_outcome, req.describe())
+        self._write(frame, on_outcome, req)
 
     def attention(self, done: Outcome) -> None:
         medium = self._medium
@@ -362,7 +362,9 @@ class BtLink:
         else:
             done(None)
 
-    def _write(self, frame: bytes, outcome: Outcome | None, what: str) -> None:
+    def _write(
+        self, frame: bytes, outcome: Outcome | None, what: HostRequest | str
+    ) -> None:
         medium = self._medium
         assert medium is not None
         if not self._unsent:
@@ -385,12 +387,16 @@ class BtLink:
         self._unsent_wake.set()
 
     def _failed(
-        self, outcome: Outcome | None, exc: BaseException, what: str = ""
+        self, outcome: Outcome | None, exc: BaseException, what: HostRequest | str
     ) -> None:
+        """Tell ``outcome`` (or the log) why ``what`` was not written; the
+        request is described only here, off the hot path."""
         if outcome is not None:
             outcome(exc)
-        else:
-            self.dropped("response %s not sent: %s", what, exc)
+            return
+        if isinstance(what, HostRequest):
+            what = f"the response to {what.describe()}"
+        self.dropped("%s not sent: %s", what, exc)
 
     async def _run_writer(self) -> None:
         """Write what the medium did not take at once, in order."""
@@ -417,7 +423,7 @@ class BtLink:
                 continue
             except OSError as exc:
                 self._unsent.popleft()
-                self._failed(outcome, exc, "queued response")
+                self._failed(outcome, exc, "a queued response")
                 continue
             self._unsent.popleft()
             if outcome is not None:

@@ -341,3 +341,27 @@ async def test_a_host_that_hangs_up_at_once_is_retried_at_the_interval(
                 sock.close()
     listener.close()
     assert 1 <= accepted <= 6  # about 4; a busy loop would make thousands
+
+
+async def test_ipmid_exiting_during_a_call_answers_destination_unavailable(
+    bus_address: str, tmp_path: Path
+) -> None:
+    async with bt_stack(
+        bus_address, tmp_path, with_ipmid=False, ipmid_timeout=2.0
+    ) as s:
+        answers: list[int] = []
+
+        async def ask() -> None:
+            answers.append((await s.host.transact(*GET_DEVICE_ID)).cc)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                async with fake_ipmid(bus_address) as ipmid:
+                    ipmid.wedge(*GET_DEVICE_ID)
+                    nursery.start_soon(ask)
+                    await ipmid.wait_until(lambda: len(ipmid.calls) == 1)
+                    started = trio.current_time()
+                # ipmid exited (its connection closed) with the call unanswered
+            assert answers == [0xD3]
+            assert trio.current_time() - started < 2.0  # not the deadline
+            assert (await s.host.transact(*GET_DEVICE_ID)).cc == 0xD3  # gone
