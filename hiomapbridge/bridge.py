@@ -421,8 +421,14 @@ class Bridge:
             self._hiomap_request(self._hiomap_backlog.popleft())
 
     def _hiomap_start(self, req: HostRequest) -> bool:
-        """Dispatch ``req``; True if it went to hiomapd, False if answered."""
+        """Dispatch ``req``; True if it went to hiomapd, False if answered
+        (or dropped: its host disconnected while it waited in the backlog,
+        and a window command for a host that is gone must not change
+        hiomapd's state)."""
         self.stats.hiomap += 1
+        if not self.link.current(req):
+            log.info("HIOMAP %s dropped: its host disconnected", req.describe())
+            return False
         plan = self.dispatcher.request(req.data)
         if isinstance(plan, Rejected):
             log.info("HIOMAP %s rejected: %s", req.describe(), plan.reason)

@@ -90,6 +90,11 @@ class HostLink(Protocol):
         not); without, the link logs a failure itself."""
         ...
 
+    def current(self, req: HostRequest) -> bool:
+        """Whether the host that sent ``req`` can still get its answer (False
+        once it disconnected: nothing more is done for it)."""
+        ...
+
     def attention(self, done: Outcome) -> None:
         """Raise SMS_ATN; ``done`` gets the outcome (it may run before this
         returns)."""

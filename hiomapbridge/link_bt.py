@@ -337,7 +337,7 @@ class BtLink:
         frame = bt.encode_response(
             response_netfn(req.netfn), req.lun, req.seq, req.cmd, cc, data
         )
-        if req.origin != self._connection or self._medium is None:
+        if not self.current(req):
             self._failed(
                 on_outcome,
                 HostGone("the host that sent it is gone"),
@@ -345,6 +345,9 @@ class BtLink:
             )
             return
         self._write(frame, on_outcome, req)
+
+    def current(self, req: HostRequest) -> bool:
+        return req.origin == self._connection and self._medium is not None
 
     def attention(self, done: Outcome) -> None:
         medium = self._medium

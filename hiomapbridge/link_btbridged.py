@@ -132,6 +132,9 @@ class BtbridgedLink:
 
         self.bus.call_template_nowait(template, body, outcome, SEND_REPLY_WITHIN)
 
+    def current(self, req: HostRequest) -> bool:
+        return True  # btbridged times requests out itself
+
     def attention(self, done: Outcome) -> None:
         def outcome(reply: Message | Exception) -> None:
             done(reply if isinstance(reply, Exception) else None)

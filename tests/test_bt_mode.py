@@ -365,3 +365,30 @@ async def test_ipmid_exiting_during_a_call_answers_destination_unavailable(
             assert answers == [0xD3]
             assert trio.current_time() - started < 2.0  # not the deadline
             assert (await s.host.transact(*GET_DEVICE_ID)).cc == 0xD3  # gone
+
+
+async def test_hiomap_requests_of_a_host_that_left_never_reach_hiomapd(
+    bus_address: str, tmp_path: Path
+) -> None:
+    """A request queued behind one at hiomapd, from a host that then powered
+    off, is dropped: a window command must not change hiomapd's state for a
+    host that is gone."""
+    async with bt_stack(bus_address, tmp_path, hiomapd_timeout=0.5) as s:
+        s.hiomapd.set_fault("hang", "GetFlashInfo", 1)
+        with trio.fail_after(10):
+            first = pack_request(Command.GET_FLASH_INFO, 1)
+            queued = pack_request(Command.CREATE_READ_WINDOW, 2, b"\0\0\1\0")
+            await s.host.send_raw(bt.encode_request(0x3A, 0, 0x10, 0x5A, first))
+            await s.host.send_raw(bt.encode_request(0x3A, 0, 0x11, 0x5A, queued))
+            await settle(s.bridge, bus_address)  # GetFlashInfo is at hiomapd
+            assert ("GetFlashInfo", ()) in s.hiomapd.calls
+            await s.host.disconnect()
+            await s.host.wait_until(lambda: s.host.connections == 2)
+            # The bridge saw the hang-up at once; the hung call times out
+            # after 0.5 s, and then the queued request's turn comes. A new
+            # request from the new host goes through.
+            info = await s.host.transact(
+                *HIOMAP, pack_request(Command.GET_INFO, 3, b"\2")
+            )
+            assert info.cc == 0
+        assert not any(member == "CreateReadWindow" for member, _ in s.hiomapd.calls)
