@@ -35,8 +35,8 @@ Deliberate differences: ranges are converted to blocks rounding outwards
 operation fails with :class:`DeviceGone` while DAEMON_READY is clear even
 when it would need no message (skiboot would still read a still-valid
 window; ``strict_daemon_ready=False`` restores that); ``flash_lost="wait"``
-waits for FLASH_CONTROL_LOST to clear instead of raising TryAgain;
-``allow_v1`` accepts a v1 GET_INFO (skiboot requires v2).
+waits for FLASH_CONTROL_LOST to clear instead of raising TryAgain. Like
+skiboot it negotiates v2 only (the bridge never forwards a lower version).
 """
 
 from __future__ import annotations
@@ -180,7 +180,6 @@ class HostClient(Generic[BtT]):
     lpc_path: Path = attrs.field(converter=Path)
     flash_lost: Literal["raise", "wait"] = "raise"
     strict_daemon_ready: bool = True
-    allow_v1: bool = False
 
     seq: int = 0
     state: int = DAEMON_READY
@@ -332,23 +331,15 @@ class HostClient(Generic[BtT]):
         await self.command(Command.ACK, bytes([mask]))
 
     async def get_info(self) -> None:
-        try:
-            payload = await self.command(Command.GET_INFO, b"\x02")
-        except (CommandFailed, ProtocolError):
-            if not self.allow_v1:
-                raise
-            payload = await self.command(Command.GET_INFO, b"\x01")
+        payload = await self.command(Command.GET_INFO, b"\x02")
         info = unpack_get_info(payload)
-        if isinstance(info, InfoV1):
-            if not self.allow_v1:
-                raise ProtocolError("failed to negotiate protocol v2 or higher: 1")
-            self.version, self.block_size_shift = 1, 12
-        else:
-            if info.version < 2:
-                raise ProtocolError(f"failed to negotiate v2 or higher: {info.version}")
-            self.version = info.version
-            self.block_size_shift = info.block_size_shift
-            self.timeout = info.timeout
+        if isinstance(info, InfoV1) or info.version < 2:
+            raise ProtocolError(
+                f"failed to negotiate protocol v2 or higher: {info.version}"
+            )
+        self.version = info.version
+        self.block_size_shift = info.block_size_shift
+        self.timeout = info.timeout
 
     async def get_flash_info(self) -> None:
         info = unpack_flash_info(await self.command(Command.GET_FLASH_INFO))
