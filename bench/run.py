@@ -34,7 +34,7 @@ Writes ``OUT/results.json`` (medians over the repeats), ``OUT/results.md``,
 from __future__ import annotations
 
 import argparse
-import gc
+import contextlib
 import json
 import linecache
 import os
@@ -42,39 +42,38 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import trio
+from hostmodes import (
+    BLOCK_TIMEOUT,
+    SeamHost,
+    build_peers,
+    cpu_seconds,
+    direct_block,
+    harness_gc_paused,
+    host_mode_repeat,
+    host_modes,
+    percentile,
+    seam_block,
+    stop_seam_bridge,
+)
 
-from hiomapbridge import bt, wire
 from hiomapbridge.dbus import Bus, open_bus
 from hiomapbridge.hiomap import (
-    HIOMAPD_PATH,
-    HIOMAPD_SERVICE,
     Command,
     Dispatcher,
     HiomapCall,
     pack_request,
     window_args,
-)
-from hiomapbridge.ipmi import (
-    CMD_GET_MESSAGE_FLAGS,
-    CMD_HIOMAP,
-    CMD_READ_EVENT_MESSAGE_BUFFER,
-    MESSAGE_FLAG_EVENT_BUFFER_FULL,
-    NETFN_APP,
-    NETFN_OEM_IBM,
-    SEL_CMD_HIOMAP_EVENT,
-    parse_event_record,
 )
 from hiomapbridge.sim.hiomapd import Emulator, run_emulator
 from hiomapbridge.sim.host import PROTOCOL_RESET, Host, run_host
@@ -97,8 +96,20 @@ RESULT_KEYS = (
     "shutdown_after_fetch_ms",
     "bt_roundtrip_p50_us",
     "bt_roundtrip_p99_us",
-    "bt_vs_btbridged_p50_ratio",
+    "bt_vs_btbridged_p50_ratio_emulator",
     "bt_bridge_cpu_us_per_command",
+)
+
+#: The host-mode comparison's results (hostmodes.py; C peers), medians.
+HOSTMODE_KEYS = (
+    "hostmodes_btbridged_p50_us",
+    "hostmodes_btbridged_p99_us",
+    "hostmodes_bt_p50_us",
+    "hostmodes_bt_p99_us",
+    "hostmodes_direct_p50_us",
+    "bt_vs_btbridged_p50_ratio",
+    "hostmodes_bridge_cpu_us_per_command_btbridged",
+    "hostmodes_bridge_cpu_us_per_command_bt",
 )
 
 #: ``bt:`` mode's round trip p50 over the btbridged mode's, measured side by
@@ -121,19 +132,27 @@ TARGETS: dict[str, tuple[str, str, Callable[[float], bool] | None]] = {
     "shutdown_after_fetch_ms": ("ms", "≤ 50", lambda v: v <= 50),
     "bt_roundtrip_p50_us": ("µs", "", None),
     "bt_roundtrip_p99_us": ("µs", "", None),
+    "bt_vs_btbridged_p50_ratio_emulator": ("x", "", None),
+    "bt_bridge_cpu_us_per_command": ("µs", "", None),
+    "hostmodes_btbridged_p50_us": ("µs", "", None),
+    "hostmodes_btbridged_p99_us": ("µs", "", None),
+    "hostmodes_bt_p50_us": ("µs", "", None),
+    "hostmodes_bt_p99_us": ("µs", "", None),
+    "hostmodes_direct_p50_us": ("µs", "", None),
     "bt_vs_btbridged_p50_ratio": (
         "x",
         f"≤ {BT_RATIO_TARGET}",
         lambda v: v <= BT_RATIO_TARGET,
     ),
-    "bt_bridge_cpu_us_per_command": ("µs", "", None),
+    "hostmodes_bridge_cpu_us_per_command_btbridged": ("µs", "", None),
+    "hostmodes_bridge_cpu_us_per_command_bt": ("µs", "", None),
 }
 
 #: Columns of the per-run table in results.md.
 RUN_COLUMNS = (
     "roundtrip_p50_us",
     "bt_roundtrip_p50_us",
-    "bt_vs_btbridged_p50_ratio",
+    "bt_vs_btbridged_p50_ratio_emulator",
     "direct_p50_us",
     "overhead_ratio_p50",
     "bridge_cpu_us_per_command",
@@ -143,8 +162,6 @@ RUN_COLUMNS = (
 
 FLASH_SIZE = 8 << 20  # 2048 blocks of 4 KiB
 BLOCK_SHIFT = 12
-BLOCK_TIMEOUT = 10.0  # seconds: generous bound on any single step
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the command mix ------------------------------------------------------------
@@ -187,13 +204,6 @@ def direct_plans(mix: list[tuple[int, bytes]]) -> list[HiomapCall]:
 # -- /proc ------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (all threads) from /proc/<pid>/stat."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -215,159 +225,6 @@ def child_pid(pid: int) -> int:
         if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
             return int(stat.parent.name)
     raise RuntimeError(f"{pid} has no child")
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100])."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
-# -- the host on the bt: seam ---------------------------------------------------------
-
-
-class SeamHost:
-    """The host end of the ``bt:`` seam, as lean as a host written in C.
-
-    The harness listens on a SOCK_SEQPACKET unix socket; the bridge
-    (``--host bt:PATH``) connects.  A request is one ``send()`` of its frame,
-    then ``wait_readable`` and ``recv()`` until the frame with its BT seq comes
-    back (SMS_ATN packets met on the way are counted, not answered).  No
-    transaction records, no events, no timers: the timed loop costs what the
-    btbridged stand-in's host side costs, which was made to cost what C
-    would (see docs/performance.md).  Events are fetched only outside timed
-    blocks (:meth:`fetch_if_signalled`), the way skiboot does: Get Message
-    Flags, then Read Event Message Buffer if the buffer is full.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.listener.bind(str(path))
-        self.listener.listen(1)
-        self.listener.setblocking(False)
-        self.sock: socket.socket | None = None
-        self.bt_seq = 0
-        self.hiomap_seq = 0
-        self.attentions = 0  # SMS_ATN packets seen on this connection
-        self.handled = 0  # of those, how many were answered with a fetch
-        self.events: list[int] = []  # HIOMAP event bytes fetched, in order
-        self.stray = 0  # response frames matching no request
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        self.listener.close()
-
-    async def accept(self) -> None:
-        """Take the bridge's connection (replacing an old one)."""
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        with trio.fail_after(BLOCK_TIMEOUT):
-            while True:
-                try:
-                    sock, _ = self.listener.accept()
-                    break
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(self.listener)
-        sock.setblocking(False)
-        self.sock = sock
-        self.attentions = self.handled = 0
-
-    async def transact(self, netfn: int, cmd: int, data: bytes = b"") -> bytes:
-        """One request; the response frame ``[len, netfn, seq, cmd, cc, ...]``."""
-        sock = self.sock
-        assert sock is not None
-        self.bt_seq = seq = (self.bt_seq + 1) & 0xFF
-        sock.send(bytes((3 + len(data), netfn << 2, seq, cmd)) + data)
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                packet = sock.recv(256)
-            except BlockingIOError:
-                continue
-            if len(packet) >= 5 and packet[2] == seq:
-                return packet
-            self._other(packet)
-
-    def _other(self, packet: bytes) -> None:
-        if packet == bt.ATTENTION_PACKET:
-            self.attentions += 1
-        elif not packet:
-            raise EOFError("the bridge closed the bt: seam")
-        else:
-            self.stray += 1
-
-    async def command(self, command: int, args: bytes) -> None:
-        """One HIOMAP command, checked as skiboot checks it (cc, seq, cmd)."""
-        self.hiomap_seq = seq = (self.hiomap_seq + 1) & 0xFF
-        packet = await self.transact(
-            NETFN_OEM_IBM, CMD_HIOMAP, bytes((command, seq)) + args
-        )
-        if packet[4] != 0 or len(packet) < 7 or packet[6] != seq:
-            raise RuntimeError(f"HIOMAP {command}: bad response {packet.hex()}")
-        if packet[5] != command:
-            raise RuntimeError(f"HIOMAP {command}: bad response {packet.hex()}")
-
-    def poll(self) -> None:
-        """Take what the bridge sent meanwhile (SMS_ATN), without waiting."""
-        sock = self.sock
-        assert sock is not None
-        while True:
-            try:
-                packet = sock.recv(256)
-            except BlockingIOError:
-                return
-            self._other(packet)
-
-    async def wait_attention(self) -> None:
-        """Wait for an SMS_ATN not answered yet."""
-        sock = self.sock
-        assert sock is not None
-        self.poll()
-        while self.attentions <= self.handled:
-            await trio.lowlevel.wait_readable(sock)
-            self.poll()
-
-    async def fetch(self) -> None:
-        """Answer SMS_ATN as skiboot does: Get Message Flags, then, if the
-        buffer is full, one Read Event Message Buffer (a newer event raises
-        SMS_ATN again).  Nothing more: after the final PROTOCOL_RESET the
-        bridge is gone."""
-        self.handled = self.attentions
-        flags = await self.transact(NETFN_APP, CMD_GET_MESSAGE_FLAGS)
-        if len(flags) < 6 or flags[4] != 0:
-            raise RuntimeError(f"Get Message Flags: {flags.hex()}")
-        if not flags[5] & MESSAGE_FLAG_EVENT_BUFFER_FULL:
-            return
-        record = await self.transact(NETFN_APP, CMD_READ_EVENT_MESSAGE_BUFFER)
-        if record[4] != 0:
-            raise RuntimeError(f"Read Event Message Buffer: {record.hex()}")
-        parsed = parse_event_record(record[5:])
-        if parsed is not None and parsed[0] == SEL_CMD_HIOMAP_EVENT:
-            self.events.append(parsed[1])
-
-    async def fetch_if_signalled(self) -> None:
-        self.poll()
-        if self.attentions > self.handled:
-            await self.fetch()
-
-    async def start(self) -> None:
-        """What :meth:`Host.start` does: take the start-up event, then ACK,
-        GET_INFO (v2) and GET_FLASH_INFO; then take what those raised."""
-        with trio.fail_after(BLOCK_TIMEOUT):
-            await self.wait_attention()
-            await self.fetch()
-            await self.command(Command.ACK, b"\x03")
-            await self.command(Command.GET_INFO, b"\x02")
-            await self.command(Command.GET_FLASH_INFO, b"")
-            await trio.sleep(0.05)
-            await self.fetch_if_signalled()
 
 
 # -- the rig ------------------------------------------------------------------------
@@ -478,16 +335,7 @@ class Rig:
 
     async def stop_bt_bridge(self, service: Service, pid: int) -> None:
         """SIGTERM the ``bt:`` bridge; fetch events until PROTOCOL_RESET."""
-        seam = self.seam
-        seen = len(seam.events)
-        os.kill(pid, signal.SIGTERM)
-        with trio.fail_after(BLOCK_TIMEOUT):
-            while not any(e & PROTOCOL_RESET for e in seam.events[seen:]):
-                await seam.wait_attention()
-                await seam.fetch()
-            status = await service.wait()
-        if status != 0:
-            raise RuntimeError(f"bt: bridge exited {status}:\n{service.log()}")
+        await stop_seam_bridge(self.seam, service, "bt: bridge", pid)
 
     async def settle(self) -> None:
         """Wait until no event is on its way to the host."""
@@ -519,20 +367,6 @@ class Rig:
         }
 
 
-@contextmanager
-def harness_gc_paused() -> Iterator[None]:
-    """Keep the harness's own garbage collector out of a timed block (as
-    ``timeit`` does): the harness holds every transaction of the run, so a
-    full collection in it can take milliseconds, a pause that would be
-    charged to the bridge.  The bridge's process is not touched."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
 async def bridged_block(host: Host, mix: list[tuple[int, bytes]]) -> list[float]:
     out = []
     clock = time.perf_counter
@@ -540,46 +374,6 @@ async def bridged_block(host: Host, mix: list[tuple[int, bytes]]) -> list[float]
         for cmd, args in mix:
             t0 = clock()
             await host.command(cmd, args)
-            out.append(clock() - t0)
-    return out
-
-
-async def bt_block(seam: SeamHost, mix: list[tuple[int, bytes]]) -> list[float]:
-    """The same commands through the ``bt:`` bridge (the host's view)."""
-    out = []
-    clock = time.perf_counter
-    with harness_gc_paused():
-        for cmd, args in mix:
-            t0 = clock()
-            await seam.command(cmd, args)
-            out.append(clock() - t0)
-    await seam.fetch_if_signalled()  # outside the timed loop
-    return out
-
-
-async def direct_block(bus: Bus, plans: list[HiomapCall]) -> list[float]:
-    """The same hiomapd calls, made by this process the way the bridge makes
-    them (a :class:`wire.CallTemplate` per method), so that the two sides of
-    the ratio pay the same codec."""
-    out = []
-    clock = time.perf_counter
-    templates: dict[tuple[str, str], wire.CallTemplate] = {}
-    with harness_gc_paused():
-        for plan in plans:
-            t0 = clock()
-            key = (plan.interface, plan.member)
-            template = templates.get(key)
-            if template is None:
-                template = templates[key] = wire.CallTemplate(
-                    HIOMAPD_SERVICE,
-                    HIOMAPD_PATH,
-                    plan.interface,
-                    plan.member,
-                    plan.signature,
-                )
-            await bus.call_template(
-                template, wire.pack_fixed(plan.signature, plan.args)
-            )
             out.append(clock() - t0)
     return out
 
@@ -626,7 +420,7 @@ async def one_repeat(rig: Rig, args: argparse.Namespace, index: int) -> dict[str
         # org.openbmc.HostIpmi); the three modes alternate block by block.
         bt_service, bt_pid = await rig.start_bt_bridge(stack)
         await bridged_block(host, warm)
-        await bt_block(seam, warm)
+        await seam_block(seam, warm)
         await direct_block(rig.direct, direct_plans(warm))
         events_before = len(host.events)
         bt_attentions_before = seam.attentions
@@ -649,7 +443,7 @@ async def one_repeat(rig: Rig, args: argparse.Namespace, index: int) -> dict[str
                 if mode == "bridged":
                     bridged += await bridged_block(host, chunk)
                 elif mode == "bt":
-                    over_bt += await bt_block(seam, chunk)
+                    over_bt += await seam_block(seam, chunk)
                 else:
                     direct += await direct_block(
                         rig.direct, plans[start : start + step]
@@ -681,7 +475,7 @@ async def one_repeat(rig: Rig, args: argparse.Namespace, index: int) -> dict[str
         "bridge_cpu_us_per_command": cpu["bridged"] / n * 1e6,
         "bt_roundtrip_p50_us": bt50,
         "bt_roundtrip_p99_us": percentile(over_bt, 99) * 1e6,
-        "bt_vs_btbridged_p50_ratio": bt50 / rt50,
+        "bt_vs_btbridged_p50_ratio_emulator": bt50 / rt50,
         "bt_vs_direct_p50_ratio": bt50 / d50,
         "bt_bridge_cpu_us_per_command": cpu["bt"] / n * 1e6,
         "bt_stray_attentions_during_roundtrips": bt_stray_attentions,
@@ -732,7 +526,7 @@ async def profile_run(
         if mode == "bt":
             service, pid = await rig.start_bt_bridge(stack, profiler, out)
             c0 = cpu_seconds(pid)
-            await bt_block(rig.seam, mix)
+            await seam_block(rig.seam, mix)
             cpu = cpu_seconds(pid) - c0
             await rig.stop_bt_bridge(service, pid)
         else:
@@ -894,11 +688,14 @@ def pyspy_works() -> bool:
 
 
 def median_results(
-    runs: list[dict[str, Any]], soaked: dict[str, Any]
+    runs: list[dict[str, Any]],
+    soaked: dict[str, Any],
+    host_mode_runs: list[dict[str, Any]],
 ) -> dict[str, float | bool]:
-    """RESULT_KEYS (medians over the runs; RSS from the soak), then the
-    ``bt:`` ratio's spread over the runs, its target and whether the median
-    meets it."""
+    """RESULT_KEYS (medians over the runs; RSS from the soak); then
+    HOSTMODE_KEYS (medians over the host-mode runs, when they ran), the
+    ``bt:`` ratio's spread over them, its target and whether the median
+    meets it (never, when it was not measured)."""
     series = soaked["rss_series_kb"]
     out: dict[str, float | bool] = {}
     for key in RESULT_KEYS:
@@ -909,21 +706,25 @@ def median_results(
         else:
             value = statistics.median(float(r[key]) for r in runs)
         out[key] = round(value, 3)
-    ratios = [float(r["bt_vs_btbridged_p50_ratio"]) for r in runs]
+    out["bt_vs_btbridged_p50_target"] = BT_RATIO_TARGET
+    out["bt_vs_btbridged_p50_met"] = False
+    if not host_mode_runs:
+        return out
+    for key in HOSTMODE_KEYS:
+        out[key] = round(statistics.median(float(r[key]) for r in host_mode_runs), 3)
+    ratios = [float(r["bt_vs_btbridged_p50_ratio"]) for r in host_mode_runs]
     out["bt_vs_btbridged_p50_ratio_min"] = round(min(ratios), 3)
     out["bt_vs_btbridged_p50_ratio_max"] = round(max(ratios), 3)
-    out["bt_vs_btbridged_p50_target"] = BT_RATIO_TARGET
     out["bt_vs_btbridged_p50_met"] = out["bt_vs_btbridged_p50_ratio"] <= BT_RATIO_TARGET
     return out
 
 
 def markdown(
     results: dict[str, float | bool],
-    runs: list[dict[str, Any]],
-    soaked: dict[str, Any],
-    profile: dict[str, Any] | None,
-    profile_bt: dict[str, Any] | None = None,
+    data: dict[str, Any],
 ) -> str:
+    runs, soaked = data["runs"], data["soak"]
+    host_mode_runs = data["host_modes"]
     lines = [
         f"Medians of {len(runs)} runs of {runs[0]['commands']} commands "
         f"(soak: {soaked['commands']} commands).",
@@ -931,24 +732,51 @@ def markdown(
         "| metric | value | target | met |",
         "|---|---:|---|---|",
     ]
-    for key in RESULT_KEYS:
+    for key in RESULT_KEYS + HOSTMODE_KEYS:
+        if key not in results:
+            continue
         unit, target, ok = TARGETS[key]
         value = results[key]
         met = "" if ok is None else ("yes" if ok(value) else "**no**")
         lines.append(f"| `{key}` | {value:,.3f} {unit} | {target} | {met} |")
+    lines.append("")
+    if host_mode_runs:
+        lines += [
+            "Host-mode comparison (C peers, the same seam host for both "
+            "modes; hostmodes.py): `bt:` p50 over btbridged mode's p50, "
+            "measured side by side: `bt_vs_btbridged_p50_ratio` "
+            f"{results['bt_vs_btbridged_p50_ratio']} (runs "
+            f"`bt_vs_btbridged_p50_ratio_min` "
+            f"{results['bt_vs_btbridged_p50_ratio_min']} to "
+            f"`bt_vs_btbridged_p50_ratio_max` "
+            f"{results['bt_vs_btbridged_p50_ratio_max']}); "
+            f"`bt_vs_btbridged_p50_target` ≤ "
+            f"{results['bt_vs_btbridged_p50_target']}: `bt_vs_btbridged_p50_met` "
+            f"= {'yes' if results['bt_vs_btbridged_p50_met'] else '**no**'}.",
+            "",
+            "| host-mode run | btbridged p50 µs | bt: p50 µs | ratio | direct p50 µs "
+            "| bridge CPU µs/cmd (btbridged / bt:) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for i, r in enumerate(host_mode_runs):
+            lines.append(
+                f"| {i} | {r['hostmodes_btbridged_p50_us']:,.0f} | "
+                f"{r['hostmodes_bt_p50_us']:,.0f} | "
+                f"{r['bt_vs_btbridged_p50_ratio']:.3f} | "
+                f"{r['hostmodes_direct_p50_us']:,.0f} | "
+                f"{r['hostmodes_bridge_cpu_us_per_command_btbridged']:.0f} / "
+                f"{r['hostmodes_bridge_cpu_us_per_command_bt']:.0f} |"
+            )
+    else:
+        lines.append(
+            "Host-mode comparison not run: "
+            f"{data['host_modes_unavailable']}; `bt_vs_btbridged_p50_met` = **no** "
+            f"(`bt_vs_btbridged_p50_target` ≤ "
+            f"{results['bt_vs_btbridged_p50_target']}, not measured)."
+        )
     lines += [
         "",
-        "`bt:` host mode vs btbridged mode, p50 round trips measured side by "
-        f"side: `bt_vs_btbridged_p50_ratio` {results['bt_vs_btbridged_p50_ratio']}"
-        f" (runs `bt_vs_btbridged_p50_ratio_min` "
-        f"{results['bt_vs_btbridged_p50_ratio_min']} to "
-        f"`bt_vs_btbridged_p50_ratio_max` "
-        f"{results['bt_vs_btbridged_p50_ratio_max']}); "
-        f"`bt_vs_btbridged_p50_target` ≤ {results['bt_vs_btbridged_p50_target']}: "
-        f"`bt_vs_btbridged_p50_met` = "
-        f"{'yes' if results['bt_vs_btbridged_p50_met'] else '**no**'}.",
-        "",
-        "Per run:",
+        "Per run (emulator rig):",
         "",
         "| run | " + " | ".join(RUN_COLUMNS) + " |",
         "|---|" + "---:|" * len(RUN_COLUMNS),
@@ -967,7 +795,7 @@ def markdown(
     ]
     rss = ", ".join(f"{n}: {kb}" for n, kb in soaked["rss_series_kb"])
     lines += ["", f"RSS (KiB) along the soak: {rss}"]
-    for mode, prof in (("btbridged", profile), ("bt:", profile_bt)):
+    for mode, prof in (("btbridged", data["profile"]), ("bt:", data["profile_bt"])):
         if prof:
             lines += [
                 "",
@@ -980,9 +808,8 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def plot(
-    path: Path, bridged: list[float], direct: list[float], over_bt: list[float]
-) -> None:
+def plot(path: Path, title: str, series: dict[str, list[float]]) -> None:
+    """Histogram and CDF of each labelled series of round trips (seconds)."""
     try:
         import matplotlib
     except ImportError:
@@ -993,13 +820,9 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    hi = percentile(bridged + direct + over_bt, 99.5) * 1e6
+    hi = percentile([v for data in series.values() for v in data], 99.5) * 1e6
     bins = [hi * i / 120 for i in range(121)]
-    for data, label in (
-        (direct, "direct to the emulator"),
-        (over_bt, "through the bridge, bt: mode"),
-        (bridged, "through the bridge, btbridged mode"),
-    ):
+    for label, data in series.items():
         us = [v * 1e6 for v in data]
         ax1.hist(
             us, bins=bins, alpha=0.6, label=f"{label} (p50 {percentile(us, 50):.0f} µs)"
@@ -1008,7 +831,7 @@ def plot(
         ax2.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
     ax1.set_xlabel("round trip seen by the host (µs)")
     ax1.set_ylabel("commands")
-    ax1.set_title("HIOMAP round trip: histogram (≤ p99.5)")
+    ax1.set_title(f"{title}: histogram (≤ p99.5)")
     ax1.legend()
     ax2.set_xscale("log")
     ax2.set_xlabel("round trip (µs, log)")
@@ -1024,8 +847,43 @@ def plot(
 # -- main ----------------------------------------------------------------------------
 
 
+async def run_host_modes(
+    args: argparse.Namespace, btbridged_address: str, bt_address: str, work: Path
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The host-mode comparison (hostmodes.py): its repeats, or why it could
+    not run (its C peers could not be built)."""
+    peers = build_peers(work)
+    if isinstance(peers, str):
+        print(f"host-mode comparison not run: {peers}", file=sys.stderr, flush=True)
+        return [], peers
+    runs = []
+    async with host_modes(peers, work, btbridged_address, bt_address) as modes:
+        for i in range(args.repeat):
+            t0 = time.perf_counter()
+            mix = command_mix(args.commands, seed=500 + i)
+            warm = command_mix(args.warmup, seed=1500 + i)
+            r = await host_mode_repeat(modes, mix, direct_plans(mix), warm, args.block)
+            runs.append(r)
+            print(
+                f"host modes, run {i} (C peers): btbridged mode p50 "
+                f"{r['hostmodes_btbridged_p50_us']:.0f} µs, bt: p50 "
+                f"{r['hostmodes_bt_p50_us']:.0f} µs (x"
+                f"{r['bt_vs_btbridged_p50_ratio']:.3f}), direct p50 "
+                f"{r['hostmodes_direct_p50_us']:.0f} µs, bridge CPU "
+                f"{r['hostmodes_bridge_cpu_us_per_command_btbridged']:.0f} / "
+                f"{r['hostmodes_bridge_cpu_us_per_command_bt']:.0f} µs/cmd "
+                f"({time.perf_counter() - t0:.1f} s)",
+                flush=True,
+            )
+    return runs, None
+
+
 async def bench(
-    args: argparse.Namespace, address: str, bt_address: str, work: Path
+    args: argparse.Namespace,
+    address: str,
+    bt_address: str,
+    host_mode_addresses: tuple[str, str],
+    work: Path,
 ) -> dict[str, Any]:
     async with AsyncExitStack() as stack:
         emu = await stack.enter_async_context(
@@ -1065,7 +923,7 @@ async def bench(
             print(
                 f"run {i}: bridge p50 {r['roundtrip_p50_us']:.0f} µs, bt: p50 "
                 f"{r['bt_roundtrip_p50_us']:.0f} µs (x"
-                f"{r['bt_vs_btbridged_p50_ratio']:.2f}), direct p50 "
+                f"{r['bt_vs_btbridged_p50_ratio_emulator']:.2f}), direct p50 "
                 f"{r['direct_p50_us']:.0f} µs, ratio {r['overhead_ratio_p50']:.2f}, "
                 f"bt: bridge CPU {r['bt_bridge_cpu_us_per_command']:.0f} µs/cmd, "
                 f"bridge CPU {r['bridge_cpu_us_per_command']:.0f} µs/cmd, events p99 "
@@ -1074,6 +932,9 @@ async def bench(
                 f"({time.perf_counter() - t0:.1f} s)",
                 flush=True,
             )
+        host_mode_runs, unavailable = await run_host_modes(
+            args, *host_mode_addresses, work / "host-modes"
+        )
         t0 = time.perf_counter()
         soaked = await soak(rig, args.soak)
         print(
@@ -1109,6 +970,8 @@ async def bench(
                 )
     return {
         "runs": runs,
+        "host_modes": host_mode_runs,
+        "host_modes_unavailable": unavailable,
         "soak": soaked,
         "profile": profiles["btbridged"],
         "profile_bt": profiles["bt"],
@@ -1118,17 +981,21 @@ async def bench(
 def write_outputs(out: Path, data: dict[str, Any]) -> dict[str, float | bool]:
     runs, soaked, profile = data["runs"], data["soak"], data["profile"]
     profile_bt = data["profile_bt"]
-    results = median_results(runs, soaked)
+    host_mode_runs = data["host_modes"]
+    results = median_results(runs, soaked, host_mode_runs)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(
-        markdown(results, runs, soaked, profile, profile_bt)
-    )
-    public_runs = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]
+    (out / "results.md").write_text(markdown(results, data))
+
+    def public(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+
     (out / "runs.json").write_text(
         json.dumps(
             {
                 "results": results,
-                "runs": public_runs,
+                "runs": public(runs),
+                "host_modes": public(host_mode_runs),
+                "host_modes_unavailable": data["host_modes_unavailable"],
                 "soak": soaked,
                 "profile": profile,
                 "profile_bt": profile_bt,
@@ -1154,10 +1021,29 @@ def write_outputs(out: Path, data: dict[str, Any]) -> dict[str, float | bool]:
         text += ["", "top self (% of the bridge's CPU):"]
         text += [f"  {p:5.1f}  {name}" for name, p in prof["top_self"]]
         (out / filename).write_text("\n".join(text) + "\n")
-    bridged = [v for r in runs for v in r["_bridged"]]
-    direct = [v for r in runs for v in r["_direct"]]
-    over_bt = [v for r in runs for v in r["_bt"]]
-    plot(out / "latency.png", bridged, direct, over_bt)
+
+    def joined(rows: list[dict[str, Any]], key: str) -> list[float]:
+        return [v for r in rows for v in r[key]]
+
+    plot(
+        out / "latency.png",
+        "HIOMAP round trip, emulator rig",
+        {
+            "direct to the emulator": joined(runs, "_direct"),
+            "through the bridge, bt: mode": joined(runs, "_bt"),
+            "through the bridge, btbridged mode": joined(runs, "_bridged"),
+        },
+    )
+    if host_mode_runs:
+        plot(
+            out / "latency-hostmodes.png",
+            "HIOMAP round trip, host modes (C peers)",
+            {
+                "direct to the C hiomapd": joined(host_mode_runs, "_direct"),
+                "bt: mode": joined(host_mode_runs, "_bt"),
+                "btbridged mode (C btbridged)": joined(host_mode_runs, "_btbridged"),
+            },
+        )
     return results
 
 
@@ -1204,9 +1090,21 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hb-bench-") as tmp:
         work = Path(tmp)
-        (work / "bt-bus").mkdir()
-        with private_bus(work) as bus, private_bus(work / "bt-bus") as bt_bus:
-            data = trio.run(bench, args, bus.address, bt_bus.address, work)
+        for sub in ("bt-bus", "host-modes", "hm-btbridged-bus", "hm-bt-bus"):
+            (work / sub).mkdir()
+        with contextlib.ExitStack() as stack:
+            bus, bt_bus, hm_btbridged, hm_bt = (
+                stack.enter_context(private_bus(work / sub))
+                for sub in (".", "bt-bus", "hm-btbridged-bus", "hm-bt-bus")
+            )
+            data = trio.run(
+                bench,
+                args,
+                bus.address,
+                bt_bus.address,
+                (hm_btbridged.address, hm_bt.address),
+                work,
+            )
     results = write_outputs(args.out, data)
     print(json.dumps(results, indent=2))
     return 0
