@@ -56,8 +56,6 @@ RECONNECT_INTERVAL = 0.5
 #: Bytes asked of one read: more than a frame can be, so that an oversized
 #: one shows as such instead of being cut to size.
 READ_SIZE = 256
-#: Frames handled back to back before the reader lets other tasks run.
-FAIRNESS_BATCH = 64
 #: Responses waiting for the medium to take them; past this the host is not
 #: reading and further responses fail at once (logged), so memory stays
 #: bounded.
@@ -275,24 +273,22 @@ class BtLink:
 
     async def _read(self, medium: _Medium) -> None:
         connection = self._connection
-        batch = 0
         while True:
+            # One frame per readiness: a host keeps one request outstanding,
+            # so reading on until EAGAIN would cost a failed read (and its
+            # exception) per request.  Every wait is a checkpoint, so a
+            # flooding host cannot starve the other tasks either.
             await trio.lowlevel.wait_readable(medium.fileno())
-            while True:
-                try:
-                    frame = medium.read()
-                except BlockingIOError:
-                    break
-                try:
-                    self._frame(frame, connection)
-                except BusClosed:
-                    raise
-                except Exception:  # a bug must not take the host link down
-                    log.exception("handling a host frame failed")
-                batch += 1
-                if batch >= FAIRNESS_BATCH:
-                    batch = 0
-                    await trio.lowlevel.checkpoint()
+            try:
+                frame = medium.read()
+            except BlockingIOError:
+                continue
+            try:
+                self._frame(frame, connection)
+            except BusClosed:
+                raise
+            except Exception:  # a bug must not take the host link down
+                log.exception("handling a host frame failed")
 
     def _frame(self, frame: bytes, connection: int) -> None:
         parsed = bt.parse_request(frame)
