@@ -234,8 +234,10 @@ def fuzz(session: nox.Session) -> None:
 
 @nox.session(python=DEFAULT_PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmark harness (issue 6): writes bench-results/ (posargs pass
-    through, e.g. ``-- --quick`` or ``-- --repeat 5``)."""
+    """Benchmark harness (issues 6 and 12: the emulator rig and the host-mode
+    comparison, whose C peers need cc and libsystemd-dev): writes
+    bench-results/ (posargs pass through, e.g. ``-- --quick`` or
+    ``-- --repeat 5``)."""
     session.install("-e", ".", "matplotlib")
     try:
         session.install("py-spy")
