@@ -117,6 +117,8 @@ class Config:
 class Stats:
     requests: int = 0
     hiomap: int = 0
+    #: New event states handed to the queue (a repeat of the state the host
+    #: holds or that already waits is not one: the queue ignores it).
     events_posted: int = 0
 
 
@@ -284,8 +286,10 @@ class Bridge:
                 "shutting down: not forwarding event %s to the host", describe(byte)
             )
             return
-        self.stats.events_posted += 1
+        before = self.queue.posted_generation
         self.queue.post(byte)
+        if self.queue.posted_generation != before:  # not a repeat
+            self.stats.events_posted += 1
 
     # -- host side ---------------------------------------------------------
 

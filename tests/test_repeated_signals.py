@@ -93,6 +93,7 @@ async def test_repeated_ack_signals_cost_no_host_traffic(
         before = await s.settled()
         assert before[2] is False
         transactions = len(s.bt.transactions)
+        posted = s.running.bridge.stats.events_posted
 
         # The same Ack again: hiomapd re-sends both properties, unchanged.
         await s.hiomap(Command.ACK, b"\x03")
@@ -108,6 +109,8 @@ async def test_repeated_ack_signals_cost_no_host_traffic(
         # Only the three HIOMAP requests went over BT: no event fetch.
         assert len(s.bt.transactions) == transactions + 3
         assert s.running.bridge.queue.delivered_generation == before[1]
+        # The exit report's "posted N events" counts none of the repeats.
+        assert s.running.bridge.stats.events_posted == posted
 
 
 async def test_repeated_signals_while_an_event_waits_add_nothing(
