@@ -177,17 +177,13 @@ def test_peers_build_and_refuse_bad_arguments(tmp_path: Path) -> None:
     harness: Any = load_harness()
     binary = harness.build_peers(tmp_path)
     assert isinstance(binary, Path), binary
-    proc = subprocess.run(
-        [str(binary), "btbridged", "unix:path=/nonexistent"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(binary), *args], capture_output=True, text=True, timeout=10
+        )
+
+    proc = run("btbridged", "unix:path=/nonexistent")  # no SEAM
     assert proc.returncode == 2 and "usage" in proc.stderr
-    proc = subprocess.run(
-        [str(binary), "hiomapd", "unix:path=/nonexistent"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
+    proc = run("hiomapd", "unix:path=/nonexistent")
     assert proc.returncode == 1 and "connecting to the bus" in proc.stderr
