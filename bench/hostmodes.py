@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -365,6 +366,7 @@ class HostModes:
         self.direct = direct
         self.btbridged_seam = SeamHost(directory / "hm-btbridged.sock")
         self.bt_seam = SeamHost(directory / "hm-bt.sock")
+        self.peer_pids: list[int] = []  # the C peers: BMC side
         self._started = 0
 
     def close(self) -> None:
@@ -403,23 +405,25 @@ async def host_modes(
 ) -> AsyncIterator[HostModes]:
     """The peers of :class:`HostModes`, running."""
     async with AsyncExitStack() as stack:
+        direct = await stack.enter_async_context(open_bus(btbridged_address))
+        modes = HostModes(peers, directory, btbridged_address, bt_address, direct)
+        stack.callback(modes.close)
         for i, address in enumerate((btbridged_address, bt_address)):
-            await stack.enter_async_context(
+            service = await stack.enter_async_context(
                 run_service(
                     f"hm-hiomapd{i}", [str(peers), "hiomapd", address], directory
                 )
             )
-        direct = await stack.enter_async_context(open_bus(btbridged_address))
-        modes = HostModes(peers, directory, btbridged_address, bt_address, direct)
-        stack.callback(modes.close)
+            modes.peer_pids.append(service.process.pid)
         seam_path = str(modes.btbridged_seam.path)
-        await stack.enter_async_context(
+        service = await stack.enter_async_context(
             run_service(
                 "hm-btbridged",
                 [str(peers), "btbridged", btbridged_address, seam_path],
                 directory,
             )
         )
+        modes.peer_pids.append(service.process.pid)
         await modes.btbridged_seam.accept()
         # Not on the HIOMAP path; the bt: bridge then runs as on a BMC.
         ipmid_bus = await stack.enter_async_context(open_bus(bt_address))
@@ -429,20 +433,54 @@ async def host_modes(
         yield modes
 
 
+@dataclass(frozen=True)
+class Pinning:
+    """A single-core BMC beside its host: every BMC-side process (the
+    buses, the C peers, the bridges) on the ``bmc`` CPUs, the harness (the
+    host, and the direct client) on the ``host`` CPUs.  The BMCs of
+    OpenPOWER systems (AST2400, AST2500) have one core."""
+
+    bmc: frozenset[int]
+    host: frozenset[int]
+    bus_pids: tuple[int, ...]
+
+    @classmethod
+    def one_bmc_cpu(cls, bus_pids: tuple[int, ...]) -> Pinning | None:
+        """CPU 0 for the BMC, the others for the host; None with fewer than
+        two CPUs to run on."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            return None
+        return cls(frozenset(cpus[:1]), frozenset(cpus[1:]), bus_pids)
+
+
+def pin_process(pid: int, cpus: frozenset[int]) -> None:
+    """Every thread of ``pid`` onto ``cpus``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
 async def host_mode_repeat(
     modes: HostModes,
     mix: list[tuple[int, bytes]],
     plans: list[HiomapCall],
     warm: list[tuple[int, bytes]],
     block: int,
+    pinning: Pinning | None = None,
 ) -> dict[str, Any]:
     """One repeat: fresh bridges, a warm-up, then ``mix`` in blocks through
     each mode and directly, in rotating order; p50/p99 and each bridge's CPU
-    over its own blocks."""
+    over its own blocks.  With ``pinning``, from the warm-up on."""
     async with AsyncExitStack() as stack:
         btbridged, bt_mode = await modes.start_bridges(stack)
         seams = {"btbridged": modes.btbridged_seam, "bt": modes.bt_seam}
         pids = {"btbridged": btbridged.process.pid, "bt": bt_mode.process.pid}
+        if pinning is not None:
+            for pid in (*pinning.bus_pids, *modes.peer_pids, *pids.values()):
+                pin_process(pid, pinning.bmc)
+            saved = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, pinning.host)  # this (the host's) thread
+            stack.callback(os.sched_setaffinity, 0, saved)
         for seam in seams.values():
             await seam_block(seam, warm, blocking=True)
         times: dict[str, list[float]] = {m: [] for m in MODES}

@@ -34,7 +34,6 @@ Writes ``OUT/results.json`` (medians over the repeats), ``OUT/results.md``,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import linecache
 import os
@@ -55,6 +54,7 @@ from typing import Any
 import trio
 from hostmodes import (
     BLOCK_TIMEOUT,
+    Pinning,
     SeamHost,
     build_peers,
     cpu_seconds,
@@ -112,6 +112,15 @@ HOSTMODE_KEYS = (
     "hostmodes_bridge_cpu_us_per_command_bt",
 )
 
+#: The host-mode comparison with the BMC side on one CPU (hostmodes.Pinning):
+#: results key -> key of a repeat, medians.  Absent with fewer than 2 CPUs.
+ONE_BMC_CPU_KEYS = {
+    "hostmodes_one_bmc_cpu_btbridged_p50_us": "hostmodes_btbridged_p50_us",
+    "hostmodes_one_bmc_cpu_bt_p50_us": "hostmodes_bt_p50_us",
+    "hostmodes_one_bmc_cpu_direct_p50_us": "hostmodes_direct_p50_us",
+    "bt_vs_btbridged_p50_ratio_one_bmc_cpu": "bt_vs_btbridged_p50_ratio",
+}
+
 #: ``bt:`` mode's round trip p50 over the btbridged mode's, measured side by
 #: side: at most this (issue: no btbridged, so two D-Bus crossings fewer).
 BT_RATIO_TARGET = 0.6
@@ -146,6 +155,10 @@ TARGETS: dict[str, tuple[str, str, Callable[[float], bool] | None]] = {
     ),
     "hostmodes_bridge_cpu_us_per_command_btbridged": ("µs", "", None),
     "hostmodes_bridge_cpu_us_per_command_bt": ("µs", "", None),
+    "hostmodes_one_bmc_cpu_btbridged_p50_us": ("µs", "", None),
+    "hostmodes_one_bmc_cpu_bt_p50_us": ("µs", "", None),
+    "hostmodes_one_bmc_cpu_direct_p50_us": ("µs", "", None),
+    "bt_vs_btbridged_p50_ratio_one_bmc_cpu": ("x", "", None),
 }
 
 #: Columns of the per-run table in results.md.
@@ -691,6 +704,7 @@ def median_results(
     runs: list[dict[str, Any]],
     soaked: dict[str, Any],
     host_mode_runs: list[dict[str, Any]],
+    pinned_runs: list[dict[str, Any]],
 ) -> dict[str, float | bool]:
     """RESULT_KEYS (medians over the runs; RSS from the soak); then
     HOSTMODE_KEYS (medians over the host-mode runs, when they ran), the
@@ -716,6 +730,10 @@ def median_results(
     out["bt_vs_btbridged_p50_ratio_min"] = round(min(ratios), 3)
     out["bt_vs_btbridged_p50_ratio_max"] = round(max(ratios), 3)
     out["bt_vs_btbridged_p50_met"] = out["bt_vs_btbridged_p50_ratio"] <= BT_RATIO_TARGET
+    if pinned_runs:
+        for key, source in ONE_BMC_CPU_KEYS.items():
+            value = statistics.median(float(r[source]) for r in pinned_runs)
+            out[key] = round(value, 3)
     return out
 
 
@@ -732,7 +750,7 @@ def markdown(
         "| metric | value | target | met |",
         "|---|---:|---|---|",
     ]
-    for key in RESULT_KEYS + HOSTMODE_KEYS:
+    for key in (*RESULT_KEYS, *HOSTMODE_KEYS, *ONE_BMC_CPU_KEYS):
         if key not in results:
             continue
         unit, target, ok = TARGETS[key]
@@ -767,6 +785,20 @@ def markdown(
                 f"{r['hostmodes_bridge_cpu_us_per_command_btbridged']:.0f} / "
                 f"{r['hostmodes_bridge_cpu_us_per_command_bt']:.0f} |"
             )
+        pinned = data["host_modes_one_bmc_cpu"]
+        if pinned:
+            lines += [
+                "",
+                "The same with the BMC side on one CPU and the host on the "
+                "others (a single-core BMC, as the AST2400/AST2500): "
+                "`bt_vs_btbridged_p50_ratio_one_bmc_cpu` "
+                f"{results['bt_vs_btbridged_p50_ratio_one_bmc_cpu']} (runs "
+                + ", ".join(f"{r['bt_vs_btbridged_p50_ratio']:.3f}" for r in pinned)
+                + "); p50 btbridged / bt: / direct "
+                f"{results['hostmodes_one_bmc_cpu_btbridged_p50_us']:.0f} / "
+                f"{results['hostmodes_one_bmc_cpu_bt_p50_us']:.0f} / "
+                f"{results['hostmodes_one_bmc_cpu_direct_p50_us']:.0f} µs.",
+            ]
     else:
         lines.append(
             "Host-mode comparison not run: "
@@ -848,24 +880,41 @@ def plot(path: Path, title: str, series: dict[str, list[float]]) -> None:
 
 
 async def run_host_modes(
-    args: argparse.Namespace, btbridged_address: str, bt_address: str, work: Path
-) -> tuple[list[dict[str, Any]], str | None]:
-    """The host-mode comparison (hostmodes.py): its repeats, or why it could
-    not run (its C peers could not be built)."""
-    peers = build_peers(work)
-    if isinstance(peers, str):
-        print(f"host-mode comparison not run: {peers}", file=sys.stderr, flush=True)
-        return [], peers
-    runs = []
-    async with host_modes(peers, work, btbridged_address, bt_address) as modes:
-        for i in range(args.repeat):
-            t0 = time.perf_counter()
-            mix = command_mix(args.commands, seed=500 + i)
-            warm = command_mix(args.warmup, seed=1500 + i)
-            r = await host_mode_repeat(modes, mix, direct_plans(mix), warm, args.block)
+    args: argparse.Namespace, work: Path, peers: Path, one_bmc_cpu: bool = False
+) -> list[dict[str, Any]]:
+    """The host-mode comparison's repeats (hostmodes.py), with the BMC side
+    on one CPU if ``one_bmc_cpu`` (none where fewer than two CPUs are
+    available).  Every repeat starts from nothing (buses, peers, bridges),
+    so that where the scheduler put the processes in one repeat does not
+    carry into the next."""
+    runs: list[dict[str, Any]] = []
+    label = "host modes, one BMC CPU" if one_bmc_cpu else "host modes"
+    for i in range(args.repeat):
+        t0 = time.perf_counter()
+        mix = command_mix(args.commands, seed=500 + i)
+        warm = command_mix(args.warmup, seed=1500 + i)
+        here = work / f"{'pinned' if one_bmc_cpu else 'free'}-repeat{i}"
+        for sub in ("btbridged-bus", "bt-bus"):
+            (here / sub).mkdir(parents=True)
+        with (
+            private_bus(here / "btbridged-bus") as btbridged_bus,
+            private_bus(here / "bt-bus") as bt_bus,
+        ):
+            pinning = None
+            if one_bmc_cpu:
+                buses = (btbridged_bus.process.pid, bt_bus.process.pid)
+                pinning = Pinning.one_bmc_cpu(buses)
+                if pinning is None:
+                    return runs
+            async with host_modes(
+                peers, here, btbridged_bus.address, bt_bus.address
+            ) as modes:
+                r = await host_mode_repeat(
+                    modes, mix, direct_plans(mix), warm, args.block, pinning
+                )
             runs.append(r)
             print(
-                f"host modes, run {i} (C peers): btbridged mode p50 "
+                f"{label}, run {i} (C peers): btbridged mode p50 "
                 f"{r['hostmodes_btbridged_p50_us']:.0f} µs, bt: p50 "
                 f"{r['hostmodes_bt_p50_us']:.0f} µs (x"
                 f"{r['bt_vs_btbridged_p50_ratio']:.3f}), direct p50 "
@@ -875,14 +924,13 @@ async def run_host_modes(
                 f"({time.perf_counter() - t0:.1f} s)",
                 flush=True,
             )
-    return runs, None
+    return runs
 
 
 async def bench(
     args: argparse.Namespace,
     address: str,
     bt_address: str,
-    host_mode_addresses: tuple[str, str],
     work: Path,
 ) -> dict[str, Any]:
     async with AsyncExitStack() as stack:
@@ -932,9 +980,17 @@ async def bench(
                 f"({time.perf_counter() - t0:.1f} s)",
                 flush=True,
             )
-        host_mode_runs, unavailable = await run_host_modes(
-            args, *host_mode_addresses, work / "host-modes"
-        )
+        host_mode_runs: list[dict[str, Any]] = []
+        pinned_runs: list[dict[str, Any]] = []
+        peers = build_peers(work / "host-modes")
+        unavailable = peers if isinstance(peers, str) else None
+        if isinstance(peers, str):
+            print(f"host-mode comparison not run: {peers}", file=sys.stderr)
+        else:
+            host_mode_runs = await run_host_modes(args, work / "host-modes", peers)
+            pinned_runs = await run_host_modes(
+                args, work / "host-modes", peers, one_bmc_cpu=True
+            )
         t0 = time.perf_counter()
         soaked = await soak(rig, args.soak)
         print(
@@ -971,6 +1027,7 @@ async def bench(
     return {
         "runs": runs,
         "host_modes": host_mode_runs,
+        "host_modes_one_bmc_cpu": pinned_runs,
         "host_modes_unavailable": unavailable,
         "soak": soaked,
         "profile": profiles["btbridged"],
@@ -981,8 +1038,8 @@ async def bench(
 def write_outputs(out: Path, data: dict[str, Any]) -> dict[str, float | bool]:
     runs, soaked, profile = data["runs"], data["soak"], data["profile"]
     profile_bt = data["profile_bt"]
-    host_mode_runs = data["host_modes"]
-    results = median_results(runs, soaked, host_mode_runs)
+    host_mode_runs, pinned_runs = data["host_modes"], data["host_modes_one_bmc_cpu"]
+    results = median_results(runs, soaked, host_mode_runs, pinned_runs)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results, data))
 
@@ -995,6 +1052,7 @@ def write_outputs(out: Path, data: dict[str, Any]) -> dict[str, float | bool]:
                 "results": results,
                 "runs": public(runs),
                 "host_modes": public(host_mode_runs),
+                "host_modes_one_bmc_cpu": public(pinned_runs),
                 "host_modes_unavailable": data["host_modes_unavailable"],
                 "soak": soaked,
                 "profile": profile,
@@ -1090,21 +1148,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hb-bench-") as tmp:
         work = Path(tmp)
-        for sub in ("bt-bus", "host-modes", "hm-btbridged-bus", "hm-bt-bus"):
+        for sub in ("bt-bus", "host-modes"):
             (work / sub).mkdir()
-        with contextlib.ExitStack() as stack:
-            bus, bt_bus, hm_btbridged, hm_bt = (
-                stack.enter_context(private_bus(work / sub))
-                for sub in (".", "bt-bus", "hm-btbridged-bus", "hm-bt-bus")
-            )
-            data = trio.run(
-                bench,
-                args,
-                bus.address,
-                bt_bus.address,
-                (hm_btbridged.address, hm_bt.address),
-                work,
-            )
+        with private_bus(work) as bus, private_bus(work / "bt-bus") as bt_bus:
+            data = trio.run(bench, args, bus.address, bt_bus.address, work)
     results = write_outputs(args.out, data)
     print(json.dumps(results, indent=2))
     return 0
