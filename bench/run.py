@@ -108,6 +108,7 @@ HOSTMODE_KEYS = (
     "hostmodes_bt_p99_us",
     "hostmodes_direct_p50_us",
     "bt_vs_btbridged_p50_ratio",
+    "bt_vs_btbridged_overhead_share",
     "hostmodes_bridge_cpu_us_per_command_btbridged",
     "hostmodes_bridge_cpu_us_per_command_bt",
 )
@@ -119,6 +120,7 @@ ONE_BMC_CPU_KEYS = {
     "hostmodes_one_bmc_cpu_bt_p50_us": "hostmodes_bt_p50_us",
     "hostmodes_one_bmc_cpu_direct_p50_us": "hostmodes_direct_p50_us",
     "bt_vs_btbridged_p50_ratio_one_bmc_cpu": "bt_vs_btbridged_p50_ratio",
+    "bt_vs_btbridged_overhead_share_one_bmc_cpu": "bt_vs_btbridged_overhead_share",
 }
 
 #: ``bt:`` mode's round trip p50 over the btbridged mode's, measured side by
@@ -159,6 +161,8 @@ TARGETS: dict[str, tuple[str, str, Callable[[float], bool] | None]] = {
     "hostmodes_one_bmc_cpu_bt_p50_us": ("µs", "", None),
     "hostmodes_one_bmc_cpu_direct_p50_us": ("µs", "", None),
     "bt_vs_btbridged_p50_ratio_one_bmc_cpu": ("x", "", None),
+    "bt_vs_btbridged_overhead_share": ("x", "", None),
+    "bt_vs_btbridged_overhead_share_one_bmc_cpu": ("x", "", None),
 }
 
 #: Columns of the per-run table in results.md.

@@ -49,6 +49,7 @@ HOSTMODE_KEYS = {
     "hostmodes_bt_p99_us",
     "hostmodes_direct_p50_us",
     "bt_vs_btbridged_p50_ratio",
+    "bt_vs_btbridged_overhead_share",
     "hostmodes_bridge_cpu_us_per_command_btbridged",
     "hostmodes_bridge_cpu_us_per_command_bt",
     "bt_vs_btbridged_p50_ratio_min",
@@ -62,6 +63,7 @@ ONE_BMC_CPU_KEYS = {
     "hostmodes_one_bmc_cpu_bt_p50_us",
     "hostmodes_one_bmc_cpu_direct_p50_us",
     "bt_vs_btbridged_p50_ratio_one_bmc_cpu",
+    "bt_vs_btbridged_overhead_share_one_bmc_cpu",
 }
 
 
@@ -117,6 +119,9 @@ def test_quick_bench_writes_all_results(tmp_path: Path) -> None:
         )
         assert bt > 0 and btbridged > 0
         assert abs(results["bt_vs_btbridged_p50_ratio"] - bt / btbridged) < 0.01
+        direct = results["hostmodes_direct_p50_us"]
+        share = (bt - direct) / (btbridged - direct)
+        assert abs(results["bt_vs_btbridged_overhead_share"] - share) < 0.01
         assert results["bt_vs_btbridged_p50_met"] is (
             results["bt_vs_btbridged_p50_ratio"] <= 0.6
         )
