@@ -368,7 +368,9 @@ static int run_btbridged(struct btbridged *b)
 	for (;;) {
 		fds[1].events = POLLIN | (b->want_write ? POLLOUT : 0);
 		r = poll(fds, 3, timeout == 0 ? 0 : 1000);
-		if (r < 0 && errno != EINTR)
+		if (r < 0 && errno == EINTR)
+			continue; /* revents are stale: poll again */
+		if (r < 0)
 			return -errno;
 		if (fds[0].revents || timeout == 0) {
 			r = sd_bus_process(b->bus, NULL);
@@ -444,7 +446,7 @@ int main(int argc, char **argv)
 		b.seam = seam_connect(argv[3]);
 		if (b.seam < 0)
 			return fail(argv[3], b.seam);
-		b.timer = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC);
+		b.timer = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
 		if (b.timer < 0)
 			return fail("timerfd_create", errno);
 		r = sd_bus_add_object_vtable(b.bus, NULL, HOSTIPMI_PATH, HOSTIPMI_IFACE,

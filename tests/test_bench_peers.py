@@ -9,7 +9,7 @@ Real private dbus-daemon, the peers as real subprocesses.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import shutil
 import socket
 import subprocess
@@ -50,10 +50,7 @@ pytestmark = pytest.mark.skipif(
 def peers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("hostmodes", BENCH / "hostmodes.py")
-    assert spec is not None and spec.loader is not None
-    hostmodes: Any = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hostmodes)
+    hostmodes: Any = importlib.import_module("hostmodes")
     binary = hostmodes.build_peers(tmp_path_factory.mktemp("peers"))
     assert isinstance(binary, Path), binary
     return binary
