@@ -106,7 +106,6 @@ from .sim.qemu import (
     QemuConfig,
     QemuPaths,
     QemuUnavailable,
-    _Connection,
     locate,
     run_qemu,
 )
@@ -171,59 +170,6 @@ _INTERESTING: Final = re.compile(
 )
 _BOOT_START: Final = re.compile(r"OPAL v\S+ starting")
 _STAMP: Final = re.compile(r"^\[\s*(\d+\.\d+),(\d)\]\s?")
-_POWER: Final = frozenset((vm.Control.POWEROFF, vm.Control.RESET))
-
-
-# -- the BMC's power control ------------------------------------------------------
-
-
-class PowerLink(BmcLink):
-    """A :class:`~hiomapbridge.sim.qemu.BmcLink` whose power actions can be
-    held: while :attr:`hold_power` is set, the POWEROFF / RESET that a
-    Chassis Control request turns into is recorded in :attr:`held` instead
-    of being sent to QEMU (the request itself is still answered), and
-    :meth:`power` sends one when the demo decides (the BMC resetting the
-    host, as ``ipmitool chassis power reset`` on the BMC would)."""
-
-    def __init__(self, host: HostSide, path: Path, *, chassis: ChassisMode) -> None:
-        super().__init__(host, path, chassis=chassis, on_reset="reset")
-        self.hold_power = True
-        self.held: list[tuple[float, vm.Control]] = []
-        """Power actions held (when, what)."""
-        self.sent: list[tuple[float, vm.Control]] = []
-        """Power actions sent to QEMU (when, what)."""
-
-    async def _write(
-        self,
-        conn: _Connection,
-        data: bytes,
-        item: vm.Response | vm.ControlCommand,
-    ) -> bool:
-        if (
-            self.hold_power
-            and isinstance(item, vm.ControlCommand)
-            and item.code in _POWER
-        ):
-            self.held.append((trio.current_time(), vm.Control(item.code)))
-            self._changed()
-            return True
-        ok = await super()._write(conn, data, item)
-        if ok and isinstance(item, vm.ControlCommand) and item.code in _POWER:
-            self.sent.append((trio.current_time(), vm.Control(item.code)))
-        return ok
-
-    async def power(self, action: vm.Control) -> bool:
-        """Send ``action`` to QEMU now; False if QEMU is not connected."""
-        conn = self._conn
-        if conn is None:
-            await trio.lowlevel.checkpoint()
-            return False
-        ok = await super()._write(
-            conn, vm.encode_control(action), vm.ControlCommand(action)
-        )
-        if ok:
-            self.sent.append((trio.current_time(), action))
-        return ok
 
 
 # -- results ------------------------------------------------------------------------
@@ -289,7 +235,7 @@ class QemuDemo:
         self.bt_socket = workdir / "bt.sock"
         self.t_start = 0.0
         self.boot_starts: list[float] = []
-        self.link: PowerLink | None = None
+        self.link: BmcLink | None = None
         self.qemu: Qemu | None = None
         self.bt: BtHost | None = None
         self.btbridged: BtBridge | None = None
@@ -381,7 +327,9 @@ class QemuDemo:
             chassis: ChassisMode = (
                 "forward" if self.opts.bridge_host == "bt" else "handle"
             )
-            link = PowerLink(host, self.workdir / "ipmi.sock", chassis=chassis)
+            link = BmcLink(
+                host, self.workdir / "ipmi.sock", chassis=chassis, hold_power=True
+            )
             self.link = link
             await nursery.start(link.serve)
             self.say(
@@ -829,7 +777,7 @@ class QemuDemo:
         self.check(
             "boot 3's abort powered the VM off (Chassis Control acted on)",
             self.qemu_status == 0
-            and [a for _, a in link.sent[-1:]] == [vm.Control.POWEROFF],
+            and [a for _, a in link.power_sent[-1:]] == [vm.Control.POWEROFF],
             f"QEMU exit status {self.qemu_status}",
         )
         # The end: no firmware left to tell (act 2 showed the clean stop).
@@ -958,7 +906,7 @@ class QemuDemo:
         self.say(
             f"  SMS_ATN raised on the link {link.attentions_sent} times; "
             f"power actions sent to QEMU: "
-            f"{', '.join(a.name for _, a in link.sent) or 'none'}"
+            f"{', '.join(a.name for _, a in link.power_sent) or 'none'}"
         )
         if self.ipmid is not None:
             chassis = ", ".join(f"{b:#04x}" for b in self.ipmid.chassis_controls)
@@ -1227,7 +1175,6 @@ __all__ = [
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
     "Options",
-    "PowerLink",
     "QemuDemo",
     "build_parser",
     "main",

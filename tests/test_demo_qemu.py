@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from hiomapbridge.demo_qemu import EXIT_UNAVAILABLE, PowerLink, main
+from hiomapbridge.demo_qemu import EXIT_UNAVAILABLE, main
 from hiomapbridge.sim import vmproto as vm
 from hiomapbridge.sim.process import python_command
-from hiomapbridge.sim.qemu import unavailable_reason
+from hiomapbridge.sim.qemu import BmcLink, unavailable_reason
 
 from .test_qemu import FakeHost, connect
 
@@ -30,10 +30,10 @@ DEMO_WAIT = 90  # seconds: bound on one demo run (it takes ~10 s alone)
 
 async def test_power_link_holds_resets_until_told(tmp_path: Path) -> None:
     """Chassis Control is still answered while power actions are held; the
-    held action never reaches QEMU; :meth:`PowerLink.power` sends one even
+    held action never reaches QEMU; :meth:`BmcLink.power` sends one even
     while holding; once released, the chassis request acts again."""
     host = FakeHost()
-    link = PowerLink(host, tmp_path / "ipmi.sock", chassis="handle")
+    link = BmcLink(host, tmp_path / "ipmi.sock", chassis="handle", hold_power=True)
     async with trio.open_nursery() as nursery:
         await nursery.start(link.serve)
         async with connect(link) as qemu:
@@ -50,18 +50,20 @@ async def test_power_link_holds_resets_until_told(tmp_path: Path) -> None:
                 assert (await qemu.response()).msgid == 2
                 assert await qemu.next() == vm.ControlCommand(vm.Control.POWEROFF)
         nursery.cancel_scope.cancel()
-    assert [a for _, a in link.sent] == [vm.Control.RESET, vm.Control.POWEROFF]
+    assert [a for _, a in link.power_sent] == [vm.Control.RESET, vm.Control.POWEROFF]
     assert len(link.held) == 1
     assert host.requests == []  # chassis="handle": the link answered it
 
 
 async def test_power_without_qemu_is_refused(tmp_path: Path) -> None:
-    link = PowerLink(FakeHost(), tmp_path / "ipmi.sock", chassis="handle")
+    link = BmcLink(
+        FakeHost(), tmp_path / "ipmi.sock", chassis="handle", hold_power=True
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(link.serve)
         assert not await link.power(vm.Control.RESET)
         nursery.cancel_scope.cancel()
-    assert link.sent == []
+    assert link.power_sent == []
 
 
 def test_missing_qemu_exits_3_with_how_to_get_it(

@@ -425,6 +425,13 @@ class BmcLink:
     (:func:`chassis_action`; ``on_reset`` chooses what a reset does).
     ``attention`` is the VM command used for SMS_ATN (ATTN_IRQ: set the bit
     and interrupt, what OpenIPMI's simulator sends).
+
+    Power actions can be held: while :attr:`hold_power` is set, the POWEROFF
+    or RESET a Chassis Control request turns into is recorded in
+    :attr:`held` instead of being sent (the request is still answered), and
+    :meth:`power` sends one when the caller decides, as ``ipmitool chassis
+    power reset`` on the BMC would.  :attr:`power_sent` records what
+    reached QEMU.
     """
 
     def __init__(
@@ -435,6 +442,7 @@ class BmcLink:
         chassis: ChassisMode = "handle",
         on_reset: ResetAction = "reset",
         attention: vm.Control = vm.Control.ATTN_IRQ,
+        hold_power: bool = False,
     ) -> None:
         self.host = host
         self.path = Path(path)
@@ -445,6 +453,12 @@ class BmcLink:
         self.exchanges: list[Exchange] = []
         self.controls_received: list[vm.ControlCommand] = []
         self.power_actions: list[vm.Control] = []
+        """Power actions Chassis Control requests turned into."""
+        self.hold_power = hold_power
+        self.held: list[tuple[float, vm.Control]] = []
+        """Power actions held (when, what)."""
+        self.power_sent: list[tuple[float, vm.Control]] = []
+        """Power actions written to QEMU (when, what)."""
         self.attentions_raised = 0
         """SMS_ATN raised by the host side."""
         self.attentions_sent = 0
@@ -622,11 +636,31 @@ class BmcLink:
                 cc,
                 action.name if action is not None else "nothing to do",
             )
-            if action is not None:
-                self.power_actions.append(action)
-                await self._write(
-                    conn, vm.encode_control(action), vm.ControlCommand(action)
-                )
+            if action is None:
+                return
+            self.power_actions.append(action)
+            if self.hold_power:
+                self.held.append((trio.current_time(), action))
+                self._changed()
+            else:
+                await self._send_power(conn, action)
+
+    async def power(self, action: vm.Control) -> bool:
+        """Send ``action`` to QEMU now (held or not); False if QEMU is not
+        connected or the write failed."""
+        conn = self._conn
+        if conn is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        return await self._send_power(conn, action)
+
+    async def _send_power(self, conn: _Connection, action: vm.Control) -> bool:
+        command = vm.ControlCommand(action)
+        if not await self._write(conn, vm.encode_control(action), command):
+            return False
+        self.power_sent.append((trio.current_time(), action))
+        self._changed()
+        return True
 
     async def _write(
         self,
