@@ -24,11 +24,13 @@ percentiles, the harness's GC pause and the direct-call block.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -106,10 +108,10 @@ class SeamHost:
     A request is one ``send()`` of its frame, then ``recv()`` until the
     frame with its BT seq comes back (SMS_ATN packets met on the way are
     counted, not answered).  No transaction records, no events, no timers.
-    With ``blocking=True`` (:meth:`command`) the wait is a blocking
-    ``recv``, as a host polling its BT registers has no event loop; the
-    harness's trio loop then stands still for the round trip, so use it only
-    where nothing the round trip needs lives in the harness process.
+    Inside :meth:`blocking` the wait is a blocking ``recv``, as a host
+    polling its BT registers has no event loop; the harness's trio loop then
+    stands still for the round trip, so use it only where nothing the round
+    trip needs lives in the harness process.
     Events are fetched only outside timed blocks
     (:meth:`fetch_if_signalled`), the way skiboot does: Get Message Flags,
     then Read Event Message Buffer if the buffer is full.
@@ -128,6 +130,7 @@ class SeamHost:
         self.handled = 0  # of those, how many were answered with a fetch
         self.events: list[int] = []  # HIOMAP event bytes fetched, in order
         self.stray = 0  # response frames matching no request
+        self._blocking = False
 
     def close(self) -> None:
         if self.sock is not None:
@@ -151,15 +154,13 @@ class SeamHost:
         self.sock = sock
         self.attentions = self.handled = 0
 
-    async def transact(
-        self, netfn: int, cmd: int, data: bytes = b"", blocking: bool = False
-    ) -> bytes:
+    async def transact(self, netfn: int, cmd: int, data: bytes = b"") -> bytes:
         """One request; the response frame ``[len, netfn, seq, cmd, cc, ...]``."""
         sock = self.sock
         assert sock is not None
         self.bt_seq = seq = (self.bt_seq + 1) & 0xFF
         frame = bytes((3 + len(data), netfn << 2, seq, cmd)) + data
-        if blocking:
+        if self._blocking:
             return self._transact_blocking(sock, frame, seq)
         sock.send(frame)
         while True:
@@ -172,8 +173,26 @@ class SeamHost:
                 return packet
             self._other(packet)
 
+    @contextmanager
+    def blocking(self) -> Iterator[None]:
+        """Plain blocking ``send``/``recv`` inside the block: one syscall
+        each, the kernel bounding every wait (SO_RCVTIMEO, SO_SNDTIMEO), so
+        nothing waits forever.  The harness's trio loop stands still
+        meanwhile."""
+        sock = self.sock
+        assert sock is not None
+        bound = struct.pack("@ll", int(BLOCK_TIMEOUT), 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, bound)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, bound)
+        sock.setblocking(True)
+        self._blocking = True
+        try:
+            yield
+        finally:
+            self._blocking = False
+            sock.setblocking(False)
+
     def _transact_blocking(self, sock: socket.socket, frame: bytes, seq: int) -> bytes:
-        sock.settimeout(BLOCK_TIMEOUT)  # blocking, but never forever
         try:
             sock.send(frame)
             while True:
@@ -181,8 +200,8 @@ class SeamHost:
                 if len(packet) >= 5 and packet[2] == seq:
                     return packet
                 self._other(packet)
-        finally:
-            sock.setblocking(False)
+        except BlockingIOError:  # the kernel's bound ran out
+            raise TimeoutError(f"no response to BT seq {seq}") from None
 
     def _other(self, packet: bytes) -> None:
         if packet == bt.ATTENTION_PACKET:
@@ -192,11 +211,11 @@ class SeamHost:
         else:
             self.stray += 1
 
-    async def command(self, command: int, args: bytes, blocking: bool = False) -> None:
+    async def command(self, command: int, args: bytes) -> None:
         """One HIOMAP command, checked as skiboot checks it (cc, seq, cmd)."""
         self.hiomap_seq = seq = (self.hiomap_seq + 1) & 0xFF
         packet = await self.transact(
-            NETFN_OEM_IBM, CMD_HIOMAP, bytes((command, seq)) + args, blocking
+            NETFN_OEM_IBM, CMD_HIOMAP, bytes((command, seq)) + args
         )
         if packet[4] != 0 or len(packet) < 7 or packet[6] != seq:
             raise RuntimeError(f"HIOMAP {command}: bad response {packet.hex()}")
@@ -261,24 +280,21 @@ class SeamHost:
 
 async def direct_block(bus: Bus, plans: list[HiomapCall]) -> list[float]:
     """The same hiomapd calls, made by this process the way the bridge makes
-    them (a :class:`wire.CallTemplate` per method), so that the two sides of
-    the ratio pay the same codec."""
+    them (a :class:`wire.CallTemplate` per method, built before the timing
+    as the bridge keeps its own), so that the two sides of the ratio pay
+    the same codec."""
     out = []
     clock = time.perf_counter
-    templates: dict[tuple[str, str], wire.CallTemplate] = {}
-    with harness_gc_paused():
+    templates = {
+        (plan.interface, plan.member): wire.CallTemplate(
+            HIOMAPD_SERVICE, HIOMAPD_PATH, plan.interface, plan.member, plan.signature
+        )
+        for plan in plans
+    }
+    with harness_gc_paused(), trio.fail_after(BLOCK_TIMEOUT + 0.01 * len(plans)):
         for plan in plans:
             t0 = clock()
-            key = (plan.interface, plan.member)
-            template = templates.get(key)
-            if template is None:
-                template = templates[key] = wire.CallTemplate(
-                    HIOMAPD_SERVICE,
-                    HIOMAPD_PATH,
-                    plan.interface,
-                    plan.member,
-                    plan.signature,
-                )
+            template = templates[plan.interface, plan.member]
             await bus.call_template(
                 template, wire.pack_fixed(plan.signature, plan.args)
             )
@@ -292,12 +308,14 @@ async def seam_block(
     """``mix`` through whatever owns ``seam`` (the host's view)."""
     out = []
     clock = time.perf_counter
-    with harness_gc_paused():
+    mode = seam.blocking() if blocking else contextlib.nullcontext()
+    with harness_gc_paused(), mode:
         for cmd, args in mix:
             t0 = clock()
-            await seam.command(cmd, args, blocking)
+            await seam.command(cmd, args)
             out.append(clock() - t0)
-    await seam.fetch_if_signalled()  # outside the timed loop
+    with trio.fail_after(BLOCK_TIMEOUT):
+        await seam.fetch_if_signalled()  # outside the timed loop
     return out
 
 
@@ -486,6 +504,7 @@ async def host_mode_repeat(
         times: dict[str, list[float]] = {m: [] for m in MODES}
         cpu = dict.fromkeys(pids, 0.0)
         stray0 = {m: s.stray for m, s in seams.items()}
+        attentions0 = {m: s.attentions for m, s in seams.items()}
         for k, start in enumerate(range(0, len(mix), block)):
             chunk = mix[start : start + block]
             for mode in MODES[k % 3 :] + MODES[: k % 3]:
@@ -498,6 +517,7 @@ async def host_mode_repeat(
                 times[mode] += await seam_block(seams[mode], chunk, blocking=True)
                 cpu[mode] += cpu_seconds(pids[mode]) - c0
         stray = {m: s.stray - stray0[m] for m, s in seams.items()}
+        attentions = {m: s.attentions - attentions0[m] for m, s in seams.items()}
         await modes.stop_bridges(btbridged, bt_mode)
     n = len(mix)
     p50 = {m: percentile(v, 50) * 1e6 for m, v in times.items()}
@@ -514,6 +534,7 @@ async def host_mode_repeat(
         "hostmodes_bridge_cpu_us_per_command_btbridged": cpu["btbridged"] / n * 1e6,
         "hostmodes_bridge_cpu_us_per_command_bt": cpu["bt"] / n * 1e6,
         "hostmodes_stray_frames": stray,
+        "hostmodes_attentions_during_roundtrips": attentions,
         "commands": n,
         "_btbridged": times["btbridged"],
         "_bt": times["bt"],

@@ -229,7 +229,8 @@ static void set_response(struct request *r, uint8_t netfn, uint8_t lun,
 	r->frame[2] = r->seq;
 	r->frame[3] = r->cmd;
 	r->frame[4] = cc;
-	memcpy(r->frame + 5, data, size);
+	if (size)
+		memcpy(r->frame + 5, data, size);
 	r->frame_len = size + 5;
 	r->answered = 1;
 }
@@ -263,7 +264,7 @@ static int set_attention(sd_bus_message *m, void *u, sd_bus_error *e)
 {
 	struct btbridged *b = u;
 	static const uint8_t atn = ATTENTION;
-	if (send(b->seam, &atn, 1, MSG_NOSIGNAL) < 0)
+	if (send(b->seam, &atn, 1, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
 		return sd_bus_error_set_errno(e, errno);
 	return sd_bus_reply_method_return(m, "x", (int64_t)0);
 }
@@ -381,6 +382,8 @@ static int run_btbridged(struct btbridged *b)
 			r = read_request(b);
 			if (r <= 0)
 				return r; /* the host closed the seam: done */
+		} else if (fds[1].revents & (POLLERR | POLLHUP)) {
+			return 0; /* gone without a last packet */
 		}
 		if (fds[1].revents & POLLOUT && b->want_write)
 			write_response(b);

@@ -12,6 +12,12 @@ One run, over a real private dbus-daemon:
   ``org.openbmc.HostIpmi``, which the btbridged stand-in holds on the first
   bus), and a lean host on its SOCK_SEQPACKET seam (:class:`SeamHost`).
 
+Then the host-mode comparison (issue 12, ``hostmodes.py``): the same seam
+host in front of either a ``bt:`` bridge or a C btbridged with a
+btbridged-mode bridge behind it, C sd-bus peers (``peers.c``), each repeat
+from nothing, once with free placement and once with the BMC side pinned
+to one CPU.
+
 Per repeat: exec -> READY=1; HIOMAP round trips seen by the host through the
 bridge, alternating in blocks with the same calls made directly to the
 emulator over D-Bus and the same commands through the ``bt:`` bridge (so
@@ -24,7 +30,8 @@ cProfile) of each mode whose summaries are saved beside the results.
 
 Writes ``OUT/results.json`` (medians over the repeats), ``OUT/results.md``,
 ``OUT/runs.json`` (every repeat, the RSS series, the profile split),
-``OUT/latency.png``, ``OUT/profile-*.txt`` (btbridged mode) and
+``OUT/latency.png``, ``OUT/latency-hostmodes.png``, ``OUT/profile-*.txt``
+(btbridged mode) and
 ``OUT/profile-bt*.txt`` (``bt:`` mode).
 
     python bench/run.py                 # 5 repeats of 10,000 commands + 100k soak
@@ -766,7 +773,8 @@ def markdown(
         lines += [
             "Host-mode comparison (C peers, the same seam host for both "
             "modes; hostmodes.py): `bt:` p50 over btbridged mode's p50, "
-            "measured side by side: `bt_vs_btbridged_p50_ratio` "
+            "measured side by side, median of the repeats' ratios: "
+            "`bt_vs_btbridged_p50_ratio` "
             f"{results['bt_vs_btbridged_p50_ratio']} (runs "
             f"`bt_vs_btbridged_p50_ratio_min` "
             f"{results['bt_vs_btbridged_p50_ratio_min']} to "
@@ -777,8 +785,9 @@ def markdown(
             f"= {'yes' if results['bt_vs_btbridged_p50_met'] else '**no**'}.",
             "",
             "| host-mode run | btbridged p50 µs | bt: p50 µs | ratio | direct p50 µs "
-            "| bridge CPU µs/cmd (btbridged / bt:) |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| bridge CPU µs/cmd (btbridged / bt:) | stray frames, SMS_ATN "
+            "(btbridged / bt:) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for i, r in enumerate(host_mode_runs):
             lines.append(
@@ -787,10 +796,14 @@ def markdown(
                 f"{r['bt_vs_btbridged_p50_ratio']:.3f} | "
                 f"{r['hostmodes_direct_p50_us']:,.0f} | "
                 f"{r['hostmodes_bridge_cpu_us_per_command_btbridged']:.0f} / "
-                f"{r['hostmodes_bridge_cpu_us_per_command_bt']:.0f} |"
+                f"{r['hostmodes_bridge_cpu_us_per_command_bt']:.0f} | "
+                f"{_pair(r['hostmodes_stray_frames'])}, "
+                f"{_pair(r['hostmodes_attentions_during_roundtrips'])} |"
             )
         pinned = data["host_modes_one_bmc_cpu"]
-        if pinned:
+        if not pinned:
+            lines += ["", "(No single-BMC-CPU variant: fewer than two CPUs here.)"]
+        else:
             lines += [
                 "",
                 "The same with the BMC side on one CPU and the host on the "
@@ -842,6 +855,10 @@ def markdown(
             ]
             lines += [f"- {k}: {v}%" for k, v in prof["split_percent"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _pair(counts: dict[str, int]) -> str:
+    return f"{counts['btbridged']} / {counts['bt']}"
 
 
 def plot(path: Path, title: str, series: dict[str, list[float]]) -> None:

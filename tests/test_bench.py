@@ -68,8 +68,13 @@ ONE_BMC_CPU_KEYS = {
 
 
 def peers_buildable() -> bool:
-    """Whether bench/peers.c can be compiled here (cc and libsystemd)."""
-    if shutil.which("cc") is None or shutil.which("pkg-config") is None:
+    """Whether bench/peers.c can be compiled here ($CC or cc, and
+    libsystemd), as bench/hostmodes.py's build_peers does it."""
+    if not (HARNESS.parent / "peers.c").exists():
+        return False
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        return False
+    if shutil.which("pkg-config") is None:
         return False
     probe = subprocess.run(["pkg-config", "--exists", "libsystemd"], check=False)
     return probe.returncode == 0

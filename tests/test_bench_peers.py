@@ -10,9 +10,7 @@ Real private dbus-daemon, the peers as real subprocesses.
 from __future__ import annotations
 
 import importlib
-import shutil
 import socket
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,20 +27,13 @@ from hiomapbridge.hiomap import HIOMAPD_PATH, HIOMAPD_SERVICE, IFACE_V2
 from hiomapbridge.ipmi import HOSTIPMI_IFACE, HOSTIPMI_PATH, HOSTIPMI_SERVICE
 from hiomapbridge.sim.process import run_service
 
+from .test_bench import peers_buildable
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def _peers_buildable() -> bool:
-    if not (BENCH / "peers.c").exists() or shutil.which("cc") is None:
-        return False
-    if shutil.which("pkg-config") is None:
-        return False
-    probe = subprocess.run(["pkg-config", "--exists", "libsystemd"], check=False)
-    return probe.returncode == 0
-
-
 pytestmark = pytest.mark.skipif(
-    not _peers_buildable(), reason="bench/peers.c needs cc and libsystemd-dev"
+    not peers_buildable(), reason="bench/peers.c needs cc and libsystemd-dev"
 )
 
 
@@ -150,6 +141,19 @@ async def test_btbridged_peer_relays_a_request_and_its_response(
             frame = seam.sock.recv(256)
         assert reply.body == (0,)
         assert frame == bytes((6, 0x3B << 2, 7, 0x5A, 0, 1, 2))
+
+
+async def test_btbridged_peer_turns_set_attention_into_the_b1_packet(
+    peers: Path, bus_address: str, tmp_path: Path
+) -> None:
+    async with btbridged(peers, bus_address, tmp_path) as (seam, bus, _):
+        addr = DBusAddress(HOSTIPMI_PATH, HOSTIPMI_SERVICE, HOSTIPMI_IFACE)
+        with trio.fail_after(5):
+            reply = await bus.call(new_method_call(addr, "setAttention"))
+            assert seam.sock is not None
+            packet = seam.sock.recv(256)  # sent before the method return
+        assert reply.body == (0,)
+        assert packet == b"\xb1"
 
 
 async def test_btbridged_peer_refuses_a_response_nobody_asked_for(
