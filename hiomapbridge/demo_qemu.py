@@ -71,7 +71,9 @@ from .demo import (
     _describe_exc,
     _holds_reset,
     _leaves,
+    _log_message,
     _ms,
+    _ready,
     _status,
 )
 from .events import Event, describe
@@ -1007,22 +1009,6 @@ def _acked(link: BmcLink, bit: int) -> bool:
         and e.response.cc == 0
         for e in link.answered(NETFN_OEM_IBM, CMD_HIOMAP)
     )
-
-
-def _ready(service: Service) -> float:
-    when = service.notified("READY=1")
-    return service.started_at if when is None else when
-
-
-_LOG_LINE: Final = re.compile(r"^\S+ \S+ \S+ (?P<level>[A-Z]+): (?P<message>.*)$")
-
-
-def _log_message(line: str) -> str:
-    match = _LOG_LINE.match(line)
-    if match is None:
-        return line
-    level, message = match["level"], match["message"]
-    return message if level == "INFO" else f"{level.lower()}: {message}"
 
 
 # -- entry points -------------------------------------------------------------------
