@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"
 BUS_CALL_TIMEOUT = 10.0  # seconds for calls to the message bus itself
 BUS_NAME = "org.freedesktop.DBus"
+BUS_PATH = "/org/freedesktop/DBus"
 #: What may wait in our process for the bus to read it; past this the bus is
 #: not reading and the connection is treated as lost.
 MAX_UNSENT = 16 * 1024 * 1024
@@ -643,6 +644,25 @@ async def open_bus(address: str) -> AsyncIterator[Bus]:
         await conn.aclose()
 
 
+async def watch_name_owners(
+    bus: Bus, name: str, handler: SignalHandler, *, namespace: bool = False
+) -> Callable[[], None]:
+    """Hand the bus's ``NameOwnerChanged`` signals to ``handler``, the bus
+    filtering on arg0: ``name`` exactly, or with ``namespace`` every name
+    under it.  Returns what removes the handler."""
+    remove = bus.on_signal(BUS_PATH, BUS_NAME, "NameOwnerChanged", handler)
+    rule = MatchRule(
+        type="signal",
+        sender=BUS_NAME,
+        interface=BUS_NAME,
+        member="NameOwnerChanged",
+        path=BUS_PATH,
+    )
+    rule.add_arg_condition(0, name, "namespace" if namespace else "string")
+    await bus.add_match(rule)
+    return remove
+
+
 class NameOwner:
     """Tracks the unique name owning a well-known name.
 
@@ -662,21 +682,7 @@ class NameOwner:
 
     async def start(self, bus: Bus) -> None:
         bus._owners[self.name] = self
-        bus.on_signal(
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus",
-            "NameOwnerChanged",
-            self._signal,
-        )
-        rule = MatchRule(
-            type="signal",
-            sender="org.freedesktop.DBus",
-            interface="org.freedesktop.DBus",
-            member="NameOwnerChanged",
-            path="/org/freedesktop/DBus",
-        )
-        rule.add_arg_condition(0, self.name)
-        await bus.add_match(rule)
+        await watch_name_owners(bus, self.name, self._signal)
         try:
             reply = await bus.bus_call("GetNameOwner", "s", self.name)
             owner: str | None = reply.body[0]

@@ -50,9 +50,15 @@ from typing import Any, Final, Literal
 import attrs
 import trio
 from jeepney import DBusAddress, HeaderFields, Message, new_method_call
-from jeepney.bus_messages import MatchRule
 
-from hiomapbridge.dbus import Bus, BusClosed, DBusError, open_bus, sender_of
+from hiomapbridge.dbus import (
+    Bus,
+    BusClosed,
+    DBusError,
+    open_bus,
+    sender_of,
+    watch_name_owners,
+)
 from hiomapbridge.forward import CHANNEL_PREFIX as CHANNEL_NAME_PREFIX
 from hiomapbridge.forward import IPMID_IFACE, IPMID_PATH, IPMID_SERVICE
 from hiomapbridge.ipmi import (
@@ -308,21 +314,9 @@ class FakeIpmid:
     async def _track_channels(self, bus: Bus) -> None:
         """Map unique names to channels as ipmid does: NameOwnerChanged for
         the channel namespace, then every current owner."""
-        self._remove_signal = bus.on_signal(
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus",
-            "NameOwnerChanged",
-            self._name_owner_changed,
+        self._remove_signal = await watch_name_owners(
+            bus, CHANNEL_PREFIX, self._name_owner_changed, namespace=True
         )
-        rule = MatchRule(
-            type="signal",
-            sender="org.freedesktop.DBus",
-            interface="org.freedesktop.DBus",
-            member="NameOwnerChanged",
-            path="/org/freedesktop/DBus",
-        )
-        rule.add_arg_condition(0, CHANNEL_PREFIX, "namespace")
-        await bus.add_match(rule)
         names = (await bus.bus_call("ListNames")).body[0]
         for name in sorted(names):
             if name.startswith(CHANNEL_PREFIX + "."):
