@@ -320,6 +320,21 @@ def test_bt_units_verify(bt_unit_root: Path) -> None:
     assert_verifies(verify(bt_unit_root, BT_UNIT, HIOMAPD_UNIT, IPMID_UNIT))
 
 
+def assert_mutation_caught(
+    root: Path, unit_name: str, mutation: tuple[str, str], expected: str
+) -> None:
+    """Break ``unit_name`` under ``root`` with ``mutation``; systemd-analyze
+    says ``expected`` and :func:`assert_verifies` fails."""
+    unit = root / "etc/systemd/system" / unit_name
+    text = unit.read_text()
+    assert mutation[0] in text
+    unit.write_text(text.replace(mutation[0], mutation[1], 1))
+    result = verify(root, unit_name)
+    assert expected in result.stdout + result.stderr
+    with pytest.raises(AssertionError):
+        assert_verifies(result)
+
+
 @needs_systemd_analyze
 @pytest.mark.parametrize(
     ("mutation", "expected"),
@@ -334,14 +349,7 @@ def test_verify_harness_catches_errors(
     unit_root: Path, mutation: tuple[str, str], expected: str
 ) -> None:
     """The harness above really fails on a broken unit (it is not vacuous)."""
-    unit = unit_root / "etc/systemd/system" / BRIDGE_UNIT
-    text = unit.read_text()
-    assert mutation[0] in text
-    unit.write_text(text.replace(mutation[0], mutation[1], 1))
-    result = verify(unit_root, BRIDGE_UNIT)
-    assert expected in result.stdout + result.stderr
-    with pytest.raises(AssertionError):
-        assert_verifies(result)
+    assert_mutation_caught(unit_root, BRIDGE_UNIT, mutation, expected)
 
 
 @needs_systemd_analyze
@@ -358,14 +366,7 @@ def test_verify_harness_catches_errors(
 def test_verify_harness_catches_bt_errors(
     bt_unit_root: Path, mutation: tuple[str, str], expected: str
 ) -> None:
-    unit = bt_unit_root / "etc/systemd/system" / BT_UNIT
-    text = unit.read_text()
-    assert mutation[0] in text
-    unit.write_text(text.replace(mutation[0], mutation[1], 1))
-    result = verify(bt_unit_root, BT_UNIT)
-    assert expected in result.stdout + result.stderr
-    with pytest.raises(AssertionError):
-        assert_verifies(result)
+    assert_mutation_caught(bt_unit_root, BT_UNIT, mutation, expected)
 
 
 @needs_systemd_analyze

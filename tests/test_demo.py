@@ -68,12 +68,18 @@ def test_crash_scenario(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
     assert "RESULT: PASS" in out
 
 
+def given_flash(tmp_path: Path) -> tuple[Path, bytes]:
+    """A 128 KiB flash image of the user's, and its bytes."""
+    image = tmp_path / "pnor.img"
+    data = bytes(range(256)) * (128 << 10 >> 8)
+    image.write_bytes(data)
+    return image, data
+
+
 def test_given_flash_file_is_served_and_never_modified(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    image = tmp_path / "pnor.img"
-    data = bytes(range(256)) * (128 << 10 >> 8)  # 128 KiB
-    image.write_bytes(data)
+    image, data = given_flash(tmp_path)
     status, out = run_demo(
         capsys, tmp_path / "w", "--flash", str(image), "--window-size", "16K", "-q"
     )
@@ -287,9 +293,7 @@ def test_bt_crash_scenario(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
 def test_bt_quiet_with_a_given_flash_and_small_windows(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    image = tmp_path / "pnor.img"
-    data = bytes(range(256)) * (128 << 10 >> 8)  # 128 KiB
-    image.write_bytes(data)
+    image, data = given_flash(tmp_path)
     status, out = run_demo(
         capsys,
         tmp_path / "w",
