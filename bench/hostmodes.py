@@ -371,13 +371,11 @@ class HostModes:
 
     def __init__(
         self,
-        peers: Path,
         directory: Path,
         btbridged_address: str,
         bt_address: str,
         direct: Bus,
     ) -> None:
-        self.peers = peers
         self.directory = directory
         self.btbridged_address = btbridged_address
         self.bt_address = bt_address
@@ -424,7 +422,7 @@ async def host_modes(
     """The peers of :class:`HostModes`, running."""
     async with AsyncExitStack() as stack:
         direct = await stack.enter_async_context(open_bus(btbridged_address))
-        modes = HostModes(peers, directory, btbridged_address, bt_address, direct)
+        modes = HostModes(directory, btbridged_address, bt_address, direct)
         stack.callback(modes.close)
         for i, address in enumerate((btbridged_address, bt_address)):
             service = await stack.enter_async_context(
