@@ -76,7 +76,6 @@ _SPECS: Final[Mapping[Command, _Spec]] = {
 
 # D-Bus basic type code -> little-endian struct code. Only y and q occur.
 _STRUCT: Final[Mapping[str, str]] = {"y": "B", "q": "H"}
-_LIMIT: Final[Mapping[str, int]] = {"y": 0xFF, "q": 0xFFFF}
 
 
 @functools.cache
@@ -107,6 +106,23 @@ class Rejected:
 
     cc: int
     reason: str
+
+
+_Known = tuple[Command, _Spec, struct.Struct, bool]
+
+
+def _known(byte: int) -> _Known | None:
+    """What request byte 0 names: the command, its spec, its argument
+    layout and whether the repeated-sequence rule applies; None if nothing."""
+    try:
+        command = Command(byte)
+    except ValueError:
+        return None
+    spec = _SPECS[command]
+    return command, spec, _layout(spec.signature), command not in UNVERSIONED
+
+
+_BY_BYTE: Final[tuple[_Known | None, ...]] = tuple(map(_known, range(256)))
 
 
 class Dispatcher:
@@ -142,26 +158,24 @@ class Dispatcher:
                 f"request data too short ({len(data)} bytes)",
             )
         raw_cmd, seq = data[0], data[1]
-        if not Command.RESET <= raw_cmd <= Command.ERASE:
+        known = _BY_BYTE[raw_cmd]
+        if known is None:
             return Rejected(
                 CompletionCode.PARAM_OUT_OF_RANGE, f"unknown command {raw_cmd:#04x}"
             )
-        command = Command(raw_cmd)
-        if command not in UNVERSIONED and seq == self._last_seq:
+        command, spec, layout, versioned = known
+        if versioned and seq == self._last_seq:
             return Rejected(
                 CompletionCode.INVALID_FIELD,
                 f"{command.name}: sequence number {seq} repeated",
             )
         self._last_seq = seq
-        spec = _SPECS[command]
-        layout = _layout(spec.signature)
-        argdata = data[2:]
-        if len(argdata) < layout.size:
+        if len(data) - 2 < layout.size:
             return Rejected(
                 CompletionCode.REQ_DATA_LEN_INVALID,
-                f"{command.name}: {len(argdata)} argument bytes, need {layout.size}",
+                f"{command.name}: {len(data) - 2} argument bytes, need {layout.size}",
             )
-        args = layout.unpack_from(argdata)
+        args = layout.unpack_from(data, 2)
         if command is Command.GET_INFO and args[0] < MIN_VERSION:
             return Rejected(
                 CompletionCode.PARAM_OUT_OF_RANGE,
@@ -170,22 +184,20 @@ class Dispatcher:
                 "v1, where a later ERASE crashes it)",
             )
         return HiomapCall(
-            command=command,
-            seq=seq,
-            interface=spec.interface,
-            member=spec.member,
-            signature=spec.signature,
-            args=tuple(args),
-            reply_signature=spec.reply_signature,
+            command,
+            seq,
+            spec.interface,
+            spec.member,
+            spec.signature,
+            args,
+            spec.reply_signature,
         )
 
 
-def _fits(value: object, code: str) -> bool:
-    return (
-        isinstance(value, int)
-        and not isinstance(value, bool)
-        and 0 <= value <= _LIMIT[code]
-    )
+@functools.cache
+def _response_layout(signature: str) -> struct.Struct:
+    """``[cmd, seq]`` and then the reply's fields, as one layout."""
+    return struct.Struct("<BB" + "".join(_STRUCT[c] for c in signature))
 
 
 def encode_reply(
@@ -201,14 +213,24 @@ def encode_reply(
     timeout le16]``, as the seed does: no version below 2 is ever forwarded
     (see :data:`MIN_VERSION`).
     """
-    failed = (int(CompletionCode.UNSPECIFIED), b"")
-    if signature != call.reply_signature or not isinstance(body, tuple):
-        return failed
-    if len(body) != len(signature) or not all(map(_fits, body, signature)):
-        return failed
-    values = [v for v in body if isinstance(v, int)]
-    payload = _layout(signature).pack(*values)
-    return int(CompletionCode.OK), bytes([call.command, call.seq]) + payload
+    if (
+        signature != call.reply_signature
+        or not isinstance(body, tuple)
+        or len(body) != len(signature)
+    ):
+        return _FAILED
+    for value in body:
+        if type(value) is not int:  # not bool, not an int subclass
+            return _FAILED
+    try:  # struct refuses what does not fit its field
+        data = _response_layout(signature).pack(call.command, call.seq, *body)
+    except struct.error:
+        return _FAILED
+    return _OK, data
+
+
+_OK: Final = int(CompletionCode.OK)
+_FAILED: Final = (int(CompletionCode.UNSPECIFIED), b"")
 
 
 # sd-bus's fixed table (wire reference 6); System.Error.<NAME> handled apart.
