@@ -494,16 +494,7 @@ class Bus:
                         break
                     frame = bytes(buf[:size])
                     del buf[:size]
-                    try:
-                        msg = wire.parse(frame)
-                    except wire.Malformed as exc:  # framing still holds
-                        self.malformed(
-                            "dropped an unreadable message of %d bytes: %s", size, exc
-                        )
-                    else:
-                        self._dispatch(msg)
-                        if self._closed is not None:  # a handler's send found
-                            raise self._closed  # the bus gone: stop here too
+                    self._received(frame)
                     since_yield += 1
                     if since_yield >= FAIRNESS_BATCH:  # a flood must not
                         since_yield = 0  # starve the other tasks
@@ -519,9 +510,33 @@ class Bus:
                 if not data:
                     raise EOFError("closed by the bus")
                 drained = len(data) < RECV_SIZE
+                if (
+                    drained
+                    and not buf
+                    and len(data) >= 16
+                    and wire.message_size(data) == len(data)
+                ):
+                    # The usual read: one whole message, dispatched as read
+                    # (and then a wait, which lets the other tasks run).
+                    self._received(data)
+                    continue
                 buf += data
         except (EOFError, OSError, ValueError) as exc:
             raise self._close(f"connection to the bus lost: {exc}") from exc
+
+    def _received(self, frame: bytes) -> None:
+        """Parse and dispatch one framed message (an unreadable one is
+        dropped: the framing still holds)."""
+        try:
+            msg = wire.parse(frame)
+        except wire.Malformed as exc:
+            self.malformed(
+                "dropped an unreadable message of %d bytes: %s", len(frame), exc
+            )
+            return
+        self._dispatch(msg)
+        if self._closed is not None:  # a handler's send found the bus gone:
+            raise self._closed  # stop here too
 
     def _dispatch(self, msg: Message) -> None:
         mtype = msg.header.message_type
