@@ -7,7 +7,7 @@ unix-socket seam, one frame per SOCK_SEQPACKET packet.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, NamedTuple
 
 import attrs
 
@@ -30,9 +30,9 @@ OUTSTANDING_REQUESTS: Final = 1
 CAPS_RETRIES: Final = 1
 
 
-@attrs.frozen
-class Request:
-    """One host request read from the BT interface."""
+class Request(NamedTuple):
+    """One host request read from the BT interface (built per request: a
+    named tuple is the cheapest immutable value)."""
 
     netfn: int
     lun: int

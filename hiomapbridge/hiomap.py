@@ -13,7 +13,7 @@ import functools
 import struct
 from collections.abc import Mapping
 from enum import IntEnum
-from typing import Final
+from typing import Final, NamedTuple
 
 import attrs
 
@@ -83,9 +83,9 @@ def _layout(signature: str) -> struct.Struct:
     return struct.Struct("<" + "".join(_STRUCT[c] for c in signature))
 
 
-@attrs.frozen
-class HiomapCall:
-    """An accepted request: the hiomapd method to call and how to answer it.
+class HiomapCall(NamedTuple):
+    """An accepted request: the hiomapd method to call and how to answer it
+    (built per request: a named tuple is the cheapest immutable value).
 
     ``signature`` is the D-Bus in-signature of ``args``; ``reply_signature``
     is the out-signature ``encode_reply`` expects.

@@ -12,9 +12,8 @@ kernel device or the unix-socket seam (:mod:`hiomapbridge.link_bt`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-import attrs
 import trio
 
 #: Told ``None`` once the medium took the bytes (btbridged's reply, the
@@ -22,9 +21,10 @@ import trio
 Outcome = Callable[[BaseException | None], None]
 
 
-@attrs.frozen
-class HostRequest:
-    """One request from the host, whatever carried it."""
+class HostRequest(NamedTuple):
+    """One request from the host, whatever carried it.  (A named tuple, not
+    an attrs class: one is built per request, and a tuple costs a third as
+    much to build as a frozen attrs instance.)"""
 
     seq: int
     netfn: int
