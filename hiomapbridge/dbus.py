@@ -323,12 +323,14 @@ class Bus:
         """Send a method call; ``callback`` later gets the method return, a
         :class:`DBusError`, ``trio.TooSlowError`` after ``reply_within``
         seconds, or :class:`BusClosed`.  It runs synchronously in the
-        receiver, in wire order with signals, and must not block."""
+        receiver, in wire order with signals, and must not block.  If the
+        bus is already gone, this raises :class:`BusClosed` instead and
+        ``callback`` is never called."""
         if self._closed is not None:
             raise self._closed
         serial = next(self._serials)
+        self.send_raw(msg.serialise(serial))
         self._register(serial, self._expected_sender(msg), callback, reply_within)
-        self._send_call(serial, msg.serialise(serial))
 
     def call_template_nowait(
         self,
@@ -342,21 +344,17 @@ class Bus:
         if self._closed is not None:
             raise self._closed
         serial = next(self._serials)
+        # Sent first, waited for after: the reply cannot be dispatched before
+        # this returns (the receiver is a task of this thread), and the call
+        # leaves a few microseconds sooner.
+        self.send_raw(template.build(serial, body))
         expect = self._expected_for(template.destination)
         self._register(serial, expect, callback, reply_within)
-        self._send_call(serial, template.build(serial, body))
 
     def send_template_noreply(self, template: wire.CallTemplate, body: bytes) -> None:
         """Send a call of a fixed shape flagged NO_REPLY_EXPECTED: the
         callee (and the bus, on failure) sends nothing back."""
         self.send_raw(template.build(next(self._serials), body, no_reply=True))
-
-    def _send_call(self, serial: int, data: bytes) -> None:
-        try:
-            self.send_raw(data)
-        except BaseException:
-            self._pending.pop(serial, None)
-            raise
 
     async def run_expiry(self) -> None:
         """Fail callback calls whose reply did not come in time."""
