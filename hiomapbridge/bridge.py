@@ -469,6 +469,18 @@ class Bridge:
     def _hiomapd_result(
         self, plan: HiomapCall, reply: Message | Exception
     ) -> tuple[int, bytes]:
+        if isinstance(reply, Message):
+            signature = reply.header.fields.get(HeaderFields.signature, "")
+            cc, data = encode_reply(plan, signature, reply.body)
+            if cc != CompletionCode.OK:
+                log.error(
+                    "hiomapd %s: unexpected reply %r (signature %r, wanted %r)",
+                    plan.member,
+                    reply.body,
+                    signature,
+                    plan.reply_signature,
+                )
+            return cc, data
         if isinstance(reply, trio.TooSlowError):
             log.error(
                 "hiomapd %s: no reply within %ss",
@@ -480,20 +492,8 @@ class Bridge:
             cc = encode_error(reply.name)
             log.info("hiomapd %s failed: %s -> cc %#04x", plan.member, reply, cc)
             return cc, b""
-        if isinstance(reply, Exception):
-            log.error("hiomapd %s failed: %r", plan.member, reply)
-            return CompletionCode.UNSPECIFIED, b""
-        signature = reply.header.fields.get(HeaderFields.signature, "")
-        cc, data = encode_reply(plan, signature, reply.body)
-        if cc != CompletionCode.OK:
-            log.error(
-                "hiomapd %s: unexpected reply %r (signature %r, wanted %r)",
-                plan.member,
-                reply.body,
-                signature,
-                plan.reply_signature,
-            )
-        return cc, data
+        log.error("hiomapd %s failed: %r", plan.member, reply)
+        return CompletionCode.UNSPECIFIED, b""
 
     def _limited_logs(self) -> list[tuple[RateLimitedLog, str]]:
         logs = [
