@@ -78,3 +78,40 @@ async def test_an_unreadable_message_is_dropped_and_counted() -> None:
             assert bus.malformed.count == 1
             nursery.cancel_scope.cancel()
         bus.close_socket()
+
+
+async def test_messages_are_framed_however_the_reads_cut_them() -> None:
+    """One message per read (parsed as read), several in one read, one cut
+    across reads, and an unreadable one alone in its read: every message is
+    dispatched once, in order, and the unreadable one is counted."""
+    ours, theirs = socket.socketpair()
+    address = DBusAddress("/a", interface="b.c")
+    frames = [
+        new_signal(address, "D", "s", (str(i),)).serialise(i + 1) for i in range(6)
+    ]
+    bad = bytearray(new_signal(address, "D", "s", ("bad",)).serialise(99))
+    bad[-8:-4] = b"\xff\xff\xff\x7f"  # the string's length runs off the end
+    seen: list[str] = []
+    with ours, theirs:
+        async with trio.open_nursery() as nursery:
+            bus = Bus(RawConnection(ours), nursery)
+            bus.on_signal("/a", "b.c", "D", lambda msg: seen.append(msg.body[0]))
+            nursery.start_soon(bus.run_receiver)
+            cut = len(frames[3]) // 2
+            for chunk in (
+                frames[0],  # whole, alone
+                frames[1] + frames[2],  # two at once
+                frames[3][:cut],  # one across three reads
+                frames[3][cut:-1],
+                frames[3][-1:],
+                bytes(bad),  # unreadable, alone
+                frames[4],  # whole, alone again
+                frames[5][:16],  # a header's worth, then the rest
+                frames[5][16:],
+            ):
+                theirs.sendall(chunk)
+                await trio.testing.wait_all_tasks_blocked()
+            assert seen == ["0", "1", "2", "3", "4", "5"]
+            assert bus.malformed.count == 1
+            nursery.cancel_scope.cancel()
+        bus.close_socket()

@@ -266,3 +266,48 @@ def test_parse_raises_only_malformed(
     except wire.Malformed:
         return
     assert isinstance(parsed, Message)
+
+
+def test_decoded_header_fields_are_the_callers_own() -> None:
+    """decode remembers header field arrays; what it hands out is a copy, so
+    a caller changing one message's fields changes no other."""
+    call = new_method_call(DBusAddress("/p", bus_name=":1.1", interface="a.b"), "M")
+    call.header.serial = 7
+    call.header.fields[HeaderFields.sender] = ":1.2"
+    for msg in (call, new_method_return(call, "q", (5,))):
+        data = msg.serialise(9)
+        first = wire.decode(data)
+        assert first is not None
+        first.header.fields[HeaderFields.member] = "Changed"
+        again = wire.decode(data)
+        assert again is not None
+        same(again, jeepney_parse(data))
+
+
+def test_replies_differing_only_in_reply_serial_decode_apart() -> None:
+    call = new_method_call(DBusAddress("/p", bus_name=":1.1", interface="a.b"), "M")
+    call.header.fields[HeaderFields.sender] = ":1.2"
+    for reply_serial in (1, 2, 0xFFFFFFFF, 3):
+        call.header.serial = reply_serial
+        data = new_method_return(call, "qqq", (1, 2, 3)).serialise(40)
+        ours = wire.decode(data)
+        assert ours is not None
+        assert ours.header.fields[HeaderFields.reply_serial] == reply_serial
+        same(ours, jeepney_parse(data))
+
+
+def test_the_header_cache_is_bounded() -> None:
+    """Peers choose header bytes: the cache keeps at most its entry count,
+    and no array longer than its size limit."""
+    wire._FIELDS_CACHE.clear()
+    for i in range(3 * wire._FIELDS_CACHE_ENTRIES):
+        data = new_signal(DBusAddress(f"/p{i}", interface="a.b"), "S").serialise(1)
+        assert wire.decode(data) is not None
+        assert len(wire._FIELDS_CACHE) <= wire._FIELDS_CACHE_ENTRIES
+    wire._FIELDS_CACHE.clear()
+    long_path = "/" + "x" * wire._FIELDS_CACHE_MAX_BYTES
+    data = new_signal(DBusAddress(long_path, interface="a.b"), "S").serialise(1)
+    ours = wire.decode(data)
+    assert ours is not None
+    same(ours, jeepney_parse(data))
+    assert not wire._FIELDS_CACHE
