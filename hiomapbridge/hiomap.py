@@ -220,7 +220,9 @@ def encode_reply(
     ):
         return _FAILED
     for value in body:
-        if type(value) is not int:  # not bool, not an int subclass
+        if type(value) is not int and (
+            not isinstance(value, int) or isinstance(value, bool)
+        ):
             return _FAILED
     try:  # struct refuses what does not fit its field
         data = _response_layout(signature).pack(call.command, call.seq, *body)

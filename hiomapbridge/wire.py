@@ -153,7 +153,9 @@ def parse(frame: bytes) -> Message:
 def decode(buf: bytes) -> Message | None:
     """Parse one complete message, exactly as jeepney would; None if this
     codec does not handle it (the caller then uses jeepney).  Malformed
-    input raises (use :func:`parse` for one exception type)."""
+    input raises (use :func:`parse` for one exception type), including a
+    header field that runs past the header's declared length, which
+    jeepney would read on into the padding (no bus routes such a message)."""
     if buf[0] != 0x6C:  # big-endian: leave it to jeepney
         return None
     _e, mtype, flags, version, body_length, serial, fields_length = _FIXED.unpack_from(

@@ -11,7 +11,9 @@ from hiomapbridge import bt
 
 def test_request_frame_decodes() -> None:
     frame = bytes([6, 0x3A << 2 | 1, 0x17, 0x5A, 0x02, 0x05, 0x02])
-    assert bt.parse_request(frame) == bt.Request(0x3A, 1, 0x17, 0x5A, b"\x02\x05\x02")
+    parsed = bt.parse_request(frame)
+    assert type(parsed) is bt.Request  # a named tuple equals a plain tuple too
+    assert parsed == bt.Request(0x3A, 1, 0x17, 0x5A, b"\x02\x05\x02")
 
 
 @pytest.mark.parametrize("frame", [b"", b"\x03", b"\x03\x18", b"\x03\x18\x01"])
@@ -56,7 +58,9 @@ def test_request_round_trip(
 ) -> None:
     frame = bt.encode_request(netfn, lun, seq, cmd, data)
     assert len(frame) <= bt.FIFO_SIZE
-    assert bt.parse_request(frame) == bt.Request(netfn, lun, seq, cmd, data)
+    parsed = bt.parse_request(frame)
+    assert type(parsed) is bt.Request
+    assert parsed == bt.Request(netfn, lun, seq, cmd, data)
 
 
 @given(st.binary(max_size=300))

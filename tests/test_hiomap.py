@@ -106,6 +106,7 @@ def test_request_maps_to_dbus_call(
     reply_sig: str,
 ) -> None:
     call = Dispatcher().request(pack_request(command, 0x42, args))
+    assert type(call) is HiomapCall  # a named tuple equals a plain tuple too
     assert call == HiomapCall(
         command=command,
         seq=0x42,
