@@ -6,6 +6,8 @@ import itertools
 import os
 import signal
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -55,63 +57,67 @@ class RawConnection:
         self.outgoing_serial = itertools.count(1)
 
 
-async def test_an_unreadable_message_is_dropped_and_counted() -> None:
-    """A frame that neither our codec nor jeepney can read is logged,
-    counted and skipped; the messages around it are dispatched."""
+SIGNALS = DBusAddress("/a", interface="b.c")
+
+
+def unreadable(text: str, serial: int) -> bytes:
+    """A framed signal whose string's length runs off the end of it."""
+    frame = bytearray(new_signal(SIGNALS, "D", "s", (text,)).serialise(serial))
+    length_at = len(frame) - len(text) - 5  # the u32 before the text and its NUL
+    frame[length_at : length_at + 4] = b"\xff\xff\xff\x7f"
+    return bytes(frame)
+
+
+@asynccontextmanager
+async def raw_bus() -> AsyncIterator[tuple[Bus, socket.socket, list[str]]]:
+    """A Bus reading one end of a socketpair; yields it, the other end, and
+    the string of every signal ``D`` it dispatched, in order."""
     ours, theirs = socket.socketpair()
-    good = new_signal(DBusAddress("/a", interface="b.c"), "D", "s", ("x",))
-    bad = bytearray(
-        new_signal(DBusAddress("/a", interface="b.c"), "D", "s", ("y",)).serialise(2)
-    )
-    bad[-6:-2] = b"\xff\xff\xff\x7f"  # the string's length runs off the end
     seen: list[str] = []
     with ours, theirs:
         async with trio.open_nursery() as nursery:
             bus = Bus(RawConnection(ours), nursery)
             bus.on_signal("/a", "b.c", "D", lambda msg: seen.append(msg.body[0]))
             nursery.start_soon(bus.run_receiver)
-            theirs.sendall(good.serialise(1) + bytes(bad) + good.serialise(3))
-            # The bytes are in our socket once sendall returns: when every
-            # task is blocked, the receiver has read and handled them all.
-            await trio.testing.wait_all_tasks_blocked()
-            assert seen == ["x", "x"]
-            assert bus.malformed.count == 1
+            yield bus, theirs, seen
             nursery.cancel_scope.cancel()
         bus.close_socket()
+
+
+async def test_an_unreadable_message_is_dropped_and_counted() -> None:
+    """A frame that neither our codec nor jeepney can read is logged,
+    counted and skipped; the messages around it are dispatched."""
+    good = new_signal(SIGNALS, "D", "s", ("x",))
+    async with raw_bus() as (bus, theirs, seen):
+        theirs.sendall(good.serialise(1) + unreadable("y", 2) + good.serialise(3))
+        # The bytes are in our socket once sendall returns: when every task
+        # is blocked, the receiver has read and handled them all.
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == ["x", "x"]
+        assert bus.malformed.count == 1
 
 
 async def test_messages_are_framed_however_the_reads_cut_them() -> None:
     """One message per read (parsed as read), several in one read, one cut
     across reads, and an unreadable one alone in its read: every message is
     dispatched once, in order, and the unreadable one is counted."""
-    ours, theirs = socket.socketpair()
-    address = DBusAddress("/a", interface="b.c")
     frames = [
-        new_signal(address, "D", "s", (str(i),)).serialise(i + 1) for i in range(6)
+        new_signal(SIGNALS, "D", "s", (str(i),)).serialise(i + 1) for i in range(6)
     ]
-    bad = bytearray(new_signal(address, "D", "s", ("bad",)).serialise(99))
-    bad[-8:-4] = b"\xff\xff\xff\x7f"  # the string's length runs off the end
-    seen: list[str] = []
-    with ours, theirs:
-        async with trio.open_nursery() as nursery:
-            bus = Bus(RawConnection(ours), nursery)
-            bus.on_signal("/a", "b.c", "D", lambda msg: seen.append(msg.body[0]))
-            nursery.start_soon(bus.run_receiver)
-            cut = len(frames[3]) // 2
-            for chunk in (
-                frames[0],  # whole, alone
-                frames[1] + frames[2],  # two at once
-                frames[3][:cut],  # one across three reads
-                frames[3][cut:-1],
-                frames[3][-1:],
-                bytes(bad),  # unreadable, alone
-                frames[4],  # whole, alone again
-                frames[5][:16],  # a header's worth, then the rest
-                frames[5][16:],
-            ):
-                theirs.sendall(chunk)
-                await trio.testing.wait_all_tasks_blocked()
-            assert seen == ["0", "1", "2", "3", "4", "5"]
-            assert bus.malformed.count == 1
-            nursery.cancel_scope.cancel()
-        bus.close_socket()
+    cut = len(frames[3]) // 2
+    async with raw_bus() as (bus, theirs, seen):
+        for chunk in (
+            frames[0],  # whole, alone
+            frames[1] + frames[2],  # two at once
+            frames[3][:cut],  # one across three reads
+            frames[3][cut:-1],
+            frames[3][-1:],
+            unreadable("bad", 99),  # alone
+            frames[4],  # whole, alone again
+            frames[5][:16],  # a header's worth, then the rest
+            frames[5][16:],
+        ):
+            theirs.sendall(chunk)
+            await trio.testing.wait_all_tasks_blocked()
+        assert seen == ["0", "1", "2", "3", "4", "5"]
+        assert bus.malformed.count == 1
