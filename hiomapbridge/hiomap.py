@@ -78,9 +78,13 @@ _SPECS: Final[Mapping[Command, _Spec]] = {
 _STRUCT: Final[Mapping[str, str]] = {"y": "B", "q": "H"}
 
 
+def _codes(signature: str) -> str:
+    return "".join(_STRUCT[c] for c in signature)
+
+
 @functools.cache
 def _layout(signature: str) -> struct.Struct:
-    return struct.Struct("<" + "".join(_STRUCT[c] for c in signature))
+    return struct.Struct("<" + _codes(signature))
 
 
 class HiomapCall(NamedTuple):
@@ -197,7 +201,7 @@ class Dispatcher:
 @functools.cache
 def _response_layout(signature: str) -> struct.Struct:
     """``[cmd, seq]`` and then the reply's fields, as one layout."""
-    return struct.Struct("<BB" + "".join(_STRUCT[c] for c in signature))
+    return struct.Struct("<BB" + _codes(signature))
 
 
 def encode_reply(
@@ -220,9 +224,7 @@ def encode_reply(
     ):
         return _FAILED
     for value in body:
-        if type(value) is not int and (
-            not isinstance(value, int) or isinstance(value, bool)
-        ):
+        if not isinstance(value, int) or isinstance(value, bool):
             return _FAILED
     try:  # struct refuses what does not fit its field
         data = _response_layout(signature).pack(call.command, call.seq, *body)

@@ -23,7 +23,7 @@ Outcome = Callable[[BaseException | None], None]
 
 class HostRequest(NamedTuple):
     """One request from the host, whatever carried it.  (A named tuple, not
-    an attrs class: one is built per request, and a tuple costs a third as
+    an attrs class: one is built per request, and a tuple costs half as
     much to build as a frozen attrs instance.)"""
 
     seq: int

@@ -9,8 +9,10 @@ with precomputed layouts:
   of the basic types the spec allows) into the very ``jeepney.Message``
   jeepney's parser would build; bodies of the signatures on the hot path are
   unpacked with one ``struct`` call, others go to jeepney's body parser
-  (cached per signature).  It returns None for what it does not handle
-  (big-endian, file descriptors), and the caller falls back to jeepney.
+  (cached per signature).  Each distinct header field array is read once
+  and remembered (bounded), a leading reply serial apart.  It returns None
+  for what it does not handle (big-endian, file descriptors), and the
+  caller falls back to jeepney.
 * :class:`CallTemplate` serialises method calls to a fixed (destination,
   path, interface, member, signature): the header fields are encoded once,
   so a call is one ``struct.pack`` plus its body bytes, byte-identical to
